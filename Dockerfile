@@ -1,0 +1,28 @@
+# labrat CPU sandbox image. Built by `labrat image build` (offline: the base is a debootstrap'd Debian
+# imported with `docker import`, torch comes from a local wheelhouse). Any Debian bookworm image with
+# python3 (3.11) and python3-venv works as BASE_IMAGE.
+ARG BASE_IMAGE=labrat-base:bookworm
+
+# Stage 1: install torch from the wheelhouse; the wheels stay in this stage, not in the image.
+FROM ${BASE_IMAGE} AS torch
+COPY wheelhouse /wheelhouse
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheelhouse torch==2.13.0 numpy \
+ && /opt/venv/bin/python -c "import torch; print('torch', torch.__version__)"
+
+FROM ${BASE_IMAGE}
+COPY --from=torch /opt/venv /opt/venv
+# The agent's user writes only /workspace, its home and the /tmp tmpfs: every other world-writable
+# directory is closed, so the workspace and home hold all state a snapshot must keep.
+RUN useradd --create-home --home-dir /home/agent --uid 1000 --user-group --shell /bin/bash agent \
+ && mkdir -p /workspace && chown agent:agent /workspace \
+ && find / -xdev -type d -perm -0002 ! -path /tmp -exec chmod o-w {} + \
+ && rm -rf /var/tmp && ln -s /tmp /var/tmp
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/home/agent \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+COPY --chown=agent:agent trainer /workspace/trainer
+WORKDIR /workspace
+LABEL org.opencontainers.image.title="labrat sandbox (CPU)"
+CMD ["sleep", "infinity"]

@@ -1,0 +1,152 @@
+"""The connection to the Docker engine, and translation of its failures into one-line errors.
+
+Every docker-py call in this package goes through `engine_errors()` so the user never sees a
+urllib3 traceback for a stopped daemon or a socket without permission.
+"""
+
+import contextlib
+import functools
+import os
+import socket
+
+import docker
+import docker.errors
+import requests.exceptions
+import structlog
+
+from sandbox.errors import EngineUnavailable, ImageMissing, RuntimeUnavailable, SandboxError
+
+log = structlog.get_logger(__name__)
+
+LABEL_PREFIX = "labrat."
+LABEL_SESSION = "labrat.session"
+LABEL_ROLE = "labrat.role"
+LABEL_OWNER_PID = "labrat.owner_pid"
+LABEL_OWNER_HOST = "labrat.owner_host"
+LABEL_OWNER_START = "labrat.owner_start"
+MIN_API_VERSION = "1.41"
+
+_RUNSC_HINT = (
+    'register it in /etc/docker/daemon.json as {"runtimes": {"runsc": {"path": "/usr/bin/runsc", '
+    '"runtimeArgs": ["--network=none"]}}} and reload dockerd (or run scripts/setup-host.sh)'
+)
+
+
+def _describe_connection_error(exc: BaseException) -> str:
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    text = str(exc)
+    if "Permission denied" in text or isinstance(getattr(exc, "__context__", None), PermissionError):
+        return (
+            f"permission denied on the Docker socket ({host}): add your user to the 'docker' group "
+            "(sudo usermod -aG docker $USER) and log in again"
+        )
+    return (
+        f"the Docker engine is not reachable at {host}: start it (sudo systemctl start docker, "
+        "or scripts/setup-host.sh) and retry"
+    )
+
+
+@contextlib.contextmanager
+def engine_errors(image: str | None = None):
+    """Turn docker-py / transport failures into SandboxError subclasses with actionable messages."""
+    try:
+        yield
+    except SandboxError:
+        raise
+    except docker.errors.ImageNotFound as exc:
+        name = image or str(exc)
+        raise ImageMissing(f"image {name} is not on this engine: build it with `labrat image build`") from exc
+    except docker.errors.DockerException as exc:
+        text = str(exc)
+        if "Error while fetching server API version" in text or "Connection aborted" in text:
+            raise EngineUnavailable(_describe_connection_error(exc)) from exc
+        if 'could not select device driver "" with capabilities: [[gpu]]' in text:
+            raise RuntimeUnavailable(
+                "GPUs requested but this engine has no NVIDIA runtime: install the NVIDIA Container Toolkit "
+                "(nvidia-ctk runtime configure --runtime=docker) and restart dockerd, or run without --gpus"
+            ) from exc
+        if "unknown or invalid runtime name" in text:
+            raise RuntimeUnavailable(f"the engine does not know this runtime: {_RUNSC_HINT}") from exc
+        raise
+    except (requests.exceptions.ConnectionError, ConnectionError, socket.error) as exc:
+        raise EngineUnavailable(_describe_connection_error(exc)) from exc
+
+
+@functools.cache
+def _client_for(base_url: str | None) -> docker.DockerClient:
+    with engine_errors():
+        client = docker.from_env(timeout=120) if base_url is None else docker.DockerClient(base_url=base_url)
+        version = client.version()
+    api = version.get("ApiVersion", "0")
+    if tuple(int(x) for x in api.split(".")) < tuple(int(x) for x in MIN_API_VERSION.split(".")):
+        raise EngineUnavailable(f"Docker API {api} is too old: labrat needs {MIN_API_VERSION} (Docker 20.10) or newer")
+    log.debug("engine.connected", api=api, version=version.get("Version"))
+    return client
+
+
+def client() -> docker.DockerClient:
+    """The process-wide docker client for DOCKER_HOST (or the default socket). Raises one-line errors."""
+    return _client_for(os.environ.get("DOCKER_HOST"))
+
+
+def reset_client() -> None:
+    """Forget cached clients (after DOCKER_HOST changes, or the daemon restarted)."""
+    _client_for.cache_clear()
+
+
+def require_runtime(name: str) -> None:
+    """Fail with a one-line hint when the engine has no runtime called `name`."""
+    if name == "runc":
+        return
+    with engine_errors():
+        runtimes = client().info().get("Runtimes", {})
+    if name not in runtimes:
+        hint = _RUNSC_HINT if name == "runsc" else "register it in /etc/docker/daemon.json and reload dockerd"
+        raise RuntimeUnavailable(f"runtime {name!r} is not registered with the Docker engine: {hint}")
+
+
+def owner_labels(session: str, role: str) -> dict[str, str]:
+    """Labels that let a later process find, and reap, the containers of a session that died."""
+    return {
+        LABEL_SESSION: session,
+        LABEL_ROLE: role,
+        LABEL_OWNER_PID: str(os.getpid()),
+        LABEL_OWNER_HOST: socket.gethostname(),
+        LABEL_OWNER_START: _process_start(os.getpid()),
+    }
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of `pid` (clock ticks since boot), so a reused PID is not taken for its owner."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_alive(labels: dict[str, str]) -> bool:
+    pid = int(labels.get(LABEL_OWNER_PID, "0") or 0)
+    if pid <= 0:
+        return False
+    start = _process_start(pid)
+    return bool(start) and start == labels.get(LABEL_OWNER_START, start)
+
+
+def reap_orphans() -> list[str]:
+    """Remove labrat containers whose owning process (on this host) is dead. Returns their names."""
+    reaped = []
+    with engine_errors():
+        containers = client().containers.list(all=True, filters={"label": LABEL_OWNER_PID})
+        for container in containers:
+            labels = container.labels
+            if labels.get(LABEL_OWNER_HOST) != socket.gethostname():
+                continue  # another machine's engine client; not ours to judge
+            if _owner_alive(labels):
+                continue
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
+            reaped.append(container.name)
+    if reaped:
+        log.info("sandbox.reaped_orphans", count=len(reaped), names=reaped)
+    return reaped

@@ -1,0 +1,230 @@
+"""File operations that run *inside* the container, as the agent's user, stdlib only.
+
+The host sends this file's source with `python3 -I -S -c` (so it always matches the host's
+version and never depends on files the agent could replace). Every path is walked one component
+at a time with O_NOFOLLOW from an fd of the workspace root; a symlink is followed only after its
+target is checked to stay inside the workspace. That makes the check and the use the same
+operation, so an agent cannot swap a directory for a symlink between them.
+
+Protocol: argv = [op, workspace, relpath, max_bytes]; file content on stdin/stdout; on refusal
+exit 3 with a one-line message on stderr (exit 4: not found, 5: too large).
+"""
+
+import errno
+import json
+import os
+import posixpath
+import stat
+import sys
+
+MAX_SYMLINK_HOPS = 40
+
+
+class Refused(Exception):
+    code = 3
+
+
+class NotFound(Refused):
+    code = 4
+
+
+class TooLarge(Refused):
+    code = 5
+
+
+def _split(rel):
+    return [p for p in rel.split("/") if p not in ("", ".")]
+
+
+def _resolve(root_fd, parts, create_dirs, final_nofollow):
+    """Walk `parts` below root_fd. Returns (dir_fd, last_name) with symlinks resolved inside the root."""
+    hops = 0
+    stack = []  # open directory fds, stack[-1] is the current directory
+    names = []  # the logical path walked so far (for messages and symlink arithmetic)
+    fd = os.dup(root_fd)
+    todo = list(parts)
+    try:
+        while todo:
+            name = todo.pop(0)
+            if name == "..":
+                if not stack:
+                    raise Refused("path leaves the workspace")
+                os.close(fd)
+                fd = stack.pop()
+                names.pop()
+                continue
+            if not todo:  # last component: resolve a symlink here too, unless told not to
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return fd, name, stack
+                if not stat.S_ISLNK(st.st_mode) or final_nofollow:
+                    return fd, name, stack
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if not create_dirs:
+                    raise NotFound("no such file or directory: " + "/".join(names + [name]))
+                os.mkdir(name, 0o755, dir_fd=fd)
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    if todo:
+                        raise NotFound("not a directory: " + "/".join(names + [name]))
+                    return fd, name, stack
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise Refused("too many levels of symbolic links")
+                target = os.readlink(name, dir_fd=fd)
+                shown = "/".join(names + [name])
+                if target.startswith("/"):
+                    # Absolute targets are judged against the workspace's own absolute path.
+                    rel = posixpath.relpath(posixpath.normpath(target), WORKSPACE)
+                    if rel == ".." or rel.startswith("../"):
+                        raise Refused(f"symlink {shown} -> {target} leaves the workspace")
+                    while stack:
+                        os.close(fd)
+                        fd = stack.pop()
+                    names = []
+                    todo = _split(rel) + todo
+                else:
+                    todo = _split(target) + todo
+                    # Relative targets are resolved from the link's directory; '..' above the root is refused.
+                continue
+            stack.append(fd)
+            names.append(name)
+            fd = child
+        return fd, ".", stack
+    except BaseException:
+        os.close(fd)
+        for f in stack:
+            os.close(f)
+        raise
+
+
+def _open_root():
+    try:
+        return os.open(WORKSPACE, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise Refused(f"workspace {WORKSPACE} is not a directory ({exc.strerror})")
+
+
+def _close(fd, stack):
+    os.close(fd)
+    for f in stack:
+        os.close(f)
+
+
+def op_read(rel, max_bytes):
+    root = _open_root()
+    fd, name, stack = _resolve(root, _split(rel), create_dirs=False, final_nofollow=False)
+    try:
+        try:
+            f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+        except FileNotFoundError:
+            raise NotFound(f"no such file: {rel}")
+        except IsADirectoryError:
+            raise Refused(f"is a directory: {rel}")
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Refused(f"symlink refused: {rel}")
+            raise
+        st = os.fstat(f)
+        if stat.S_ISDIR(st.st_mode):
+            raise Refused(f"is a directory: {rel}")
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(f"not a regular file: {rel}")
+        if st.st_size > max_bytes:
+            raise TooLarge(f"{rel} is {st.st_size} bytes, over the {max_bytes}-byte limit")
+        out = sys.stdout.buffer
+        remaining = max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(f, min(1 << 20, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            if remaining <= 0:  # grew while we read
+                raise TooLarge(f"{rel} grew past the {max_bytes}-byte limit while being read")
+            out.write(chunk)
+        out.flush()
+    finally:
+        _close(fd, stack)
+
+
+def op_write(rel, max_bytes):
+    parts = _split(rel)
+    if not parts:
+        raise Refused("cannot write to the workspace root itself")
+    data = sys.stdin.buffer.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(f"content is over the {max_bytes}-byte limit")
+    root = _open_root()
+    fd, name, stack = _resolve(root, parts, create_dirs=True, final_nofollow=False)
+    try:
+        if name == ".":
+            raise Refused(f"is a directory: {rel}")
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISDIR(st.st_mode):
+                raise Refused(f"is a directory: {rel}")
+        except FileNotFoundError:
+            mode = 0o644
+        # Write a sibling temp file and rename over: readers never see a half-written file.
+        tmp = f".{name}.labrat-{os.getpid()}"
+        f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(f, view):]
+            os.fchmod(f, mode)
+        finally:
+            os.close(f)
+        os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        _close(fd, stack)
+
+
+def op_list(rel, max_entries):
+    root = _open_root()
+    fd, name, stack = _resolve(root, _split(rel), create_dirs=False, final_nofollow=False)
+    try:
+        try:
+            d = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:
+            raise NotFound(f"no such directory: {rel}")
+        except NotADirectoryError:
+            raise Refused(f"not a directory: {rel}")
+        try:
+            entries = []
+            for entry_name in sorted(os.listdir(d))[:max_entries]:
+                st = os.stat(entry_name, dir_fd=d, follow_symlinks=False)
+                kind = (
+                    "dir" if stat.S_ISDIR(st.st_mode)
+                    else "file" if stat.S_ISREG(st.st_mode)
+                    else "symlink" if stat.S_ISLNK(st.st_mode)
+                    else "other"
+                )
+                entries.append({"name": entry_name, "kind": kind, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode)})
+            sys.stdout.write(json.dumps(entries))
+        finally:
+            os.close(d)
+    finally:
+        _close(fd, stack)
+
+
+OPS = {"read": op_read, "write": op_write, "list": op_list}
+
+if __name__ == "__main__":
+    op, WORKSPACE, relpath, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    try:
+        OPS[op](relpath, limit)
+    except Refused as exc:
+        sys.stderr.write(str(exc).replace("\n", " ") + "\n")
+        sys.exit(exc.code)
+    except OSError as exc:
+        sys.stderr.write(f"{exc.strerror or exc}: {relpath}\n")
+        sys.exit(3)

@@ -1,0 +1,407 @@
+"""Sandbox: one hardened, running container and the few things the harness may do with it.
+
+exec / read_file / write_file / list_dir / close. Limits come from a SandboxPolicy. The clock that
+enforces timeouts is the host's; output is capped on the host; file operations are confined to the
+workspace by an unprivileged helper inside the container (see fsops.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import posixpath
+import secrets
+import socket
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import NamedTuple
+
+import docker.errors
+import structlog
+from docker.types import DeviceRequest, Ulimit
+from docker.utils.socket import frames_iter
+from pydantic import BaseModel
+
+from sandbox.engine import client, engine_errors, owner_labels, require_runtime
+from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxClosed, SandboxError
+from sandbox.policy import SandboxPolicy
+
+log = structlog.get_logger(__name__)
+
+_FSOPS_SOURCE = (Path(__file__).parent / "fsops.py").read_text()
+_PYTHON = "/usr/bin/python3"  # the base image's interpreter, root-owned; never the agent's PATH
+_KILL_ALL = ["/bin/bash", "-c", "kill -KILL -1"]  # as the exec's user: every process it owns
+_STDOUT, _STDERR = 1, 2
+_LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+
+
+class ExecResult(BaseModel):
+    exit_code: int | None  # None when killed before an exit status could be read
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    duration: float
+    truncated: bool = False  # at least one stream lost bytes to the output limit
+    oom_killed: bool = False  # the kernel's OOM killer ended a process of this exec
+    limit: str | None = None  # which limit stopped it: "timeout", "disk", "memory"
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.limit is None
+
+
+class FileEntry(BaseModel):
+    name: str
+    kind: str  # file | dir | symlink | other
+    size: int
+    mode: int
+
+
+class _CappedStream:
+    """Keeps the first and last `limit // 2` bytes of a stream and counts what was dropped."""
+
+    def __init__(self, limit: int):
+        self.half = limit // 2
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> None:
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if not chunk:
+            return
+        self.tail += chunk
+        if len(self.tail) > self.half:
+            self.dropped += len(self.tail) - self.half
+            del self.tail[: len(self.tail) - self.half]
+
+    def text(self) -> str:
+        head, tail = safe_text(bytes(self.head)), safe_text(bytes(self.tail))
+        if self.dropped:
+            return f"{head}\n[... labrat: {self.dropped} bytes truncated ...]\n{tail}"
+        return head + tail
+
+
+def safe_text(data: bytes) -> str:
+    """Decode bytes for display to a model or a terminal: invalid UTF-8 and control characters become U+FFFD."""
+    text = data.decode("utf-8", errors="replace")
+    return "".join(ch if ch >= " " or ch in "\n\t" else "\ufffd" for ch in text) if _has_controls(text) else text
+
+
+def _has_controls(text: str) -> bool:
+    return any(ch < " " and ch not in "\n\t" for ch in text)
+
+
+def workspace_relpath(path: str, workspace: str) -> str:
+    """Lexically confine `path` to the workspace: a relative path below it, or PathRefused.
+
+    Symlinks are the in-container helper's job; this catches `..`, absolute paths elsewhere, NULs.
+    """
+    if not isinstance(path, str) or not path:
+        raise PathRefused("empty path")
+    if "\x00" in path:
+        raise PathRefused("path contains a NUL byte")
+    joined = posixpath.normpath(posixpath.join(workspace, path))
+    if joined != workspace and not joined.startswith(workspace.rstrip("/") + "/"):
+        raise PathRefused(f"{path!r} is outside the workspace {workspace}")
+    return posixpath.relpath(joined, workspace)
+
+
+class Sandbox:
+    """A running hardened container. Use as a context manager, or call close()."""
+
+    def __init__(self, container, policy: SandboxPolicy, session: str, origin: str):
+        self.container = container
+        self.policy = policy
+        self.session = session
+        self.origin = origin  # the image (sandbox image or snapshot) this container started from
+        self._closed = False
+        _LIVE.add(self)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, policy: SandboxPolicy | None = None, *, session: str = "adhoc", role: str = "work") -> Sandbox:
+        policy = policy or SandboxPolicy()
+        require_runtime(policy.runtime)
+        name = f"labrat-{session}-{role}-{secrets.token_hex(3)}"
+        kwargs = dict(
+            image=policy.image,
+            command=["sleep", "infinity"],
+            name=name,
+            detach=True,
+            # PID 1 (tini) and its child run as root without capabilities, so the agent's user cannot
+            # signal them: killing every agent process on a timeout never stops the container itself.
+            user="root",
+            working_dir=policy.workspace,
+            network_mode=policy.network_mode,
+            cap_drop=list(policy.cap_drop),
+            security_opt=["no-new-privileges:true"] if policy.no_new_privileges else [],
+            init=policy.init,
+            pids_limit=policy.pids_limit,
+            mem_limit=policy.memory_bytes,
+            memswap_limit=policy.memory_bytes,  # equal to mem_limit: no extra swap
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={policy.tmp_bytes},mode=1777"},
+            ulimits=[
+                Ulimit(name="fsize", soft=policy.file_size_bytes, hard=policy.file_size_bytes),
+                Ulimit(name="core", soft=0, hard=0),
+            ],
+            ipc_mode="private",
+            environment=dict(policy.env),
+            labels=owner_labels(session, role),
+            runtime=policy.runtime,
+        )
+        if policy.cpus:
+            kwargs["nano_cpus"] = int(policy.cpus * 1e9)
+        if policy.gpus:
+            if policy.gpus == "all":
+                kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+            else:
+                kwargs["device_requests"] = [DeviceRequest(device_ids=list(policy.gpus), capabilities=[["gpu"]])]
+        container = None
+        try:
+            with engine_errors(image=policy.image):
+                container = client().containers.run(**kwargs)
+        except BaseException:
+            # A create that failed at start (bad runtime, no GPU driver) leaves a container behind.
+            with contextlib.suppress(Exception):
+                client().containers.get(name).remove(force=True)
+            raise
+        log.debug("sandbox.started", name=name, image=policy.image, runtime=policy.runtime)
+        return cls(container, policy, session, origin=policy.image)
+
+    def close(self) -> None:
+        """Remove the container. Safe to call twice, and when the engine already lost it."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
+        with contextlib.suppress(docker.errors.NotFound), engine_errors():
+            self.container.remove(force=True)
+        log.debug("sandbox.closed", name=self.container.name)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def name(self) -> str:
+        return self.container.name
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosed(f"sandbox {self.name} is closed")
+
+    # -- exec --------------------------------------------------------------------------------------
+
+    def exec(
+        self,
+        cmd: str | list[str],
+        *,
+        timeout: float | None = None,
+        max_output: int | None = None,
+        input: bytes | None = None,
+        user: str | None = None,
+        workdir: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> ExecResult:
+        """Run `cmd` (a bash script if a string) in the container and wait, at most `timeout` seconds.
+
+        On timeout every process of the exec's user in the container is killed (background children
+        and `setsid` escapees included). Each output stream keeps its head and tail up to `max_output`.
+        """
+        timeout = self.policy.exec_timeout if timeout is None else timeout
+        argv = ["/bin/bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        run = self._run(argv, timeout, max_output or self.policy.max_output_bytes, input, user, workdir, env)
+        stderr = run.err.text()
+        if run.limit:
+            stderr += ("\n" if stderr else "") + self._limit_message(run.limit, timeout)
+        result = ExecResult(
+            exit_code=run.exit_code,
+            stdout=run.out.text(),
+            stderr=stderr,
+            timed_out=run.limit == "timeout",
+            duration=run.duration,
+            truncated=bool(run.out.dropped or run.err.dropped),
+            oom_killed=run.oom_killed,
+            limit=run.limit,
+        )
+        log.debug("sandbox.exec", name=self.name, exit_code=run.exit_code, limit=run.limit, seconds=round(run.duration, 3))
+        return result
+
+    def _run(self, argv, timeout, max_output, input, user, workdir, env) -> _RawRun:
+        """exec's engine: start the process, pump its output on a thread, enforce time and disk on the host."""
+        self._check_open()
+        user = user or self.policy.user
+        api = client().api
+        oom_before = self._oom_count()
+        started = time.monotonic()
+        with engine_errors():
+            try:
+                exec_id = api.exec_create(
+                    self.container.id,
+                    argv,
+                    stdout=True,
+                    stderr=True,
+                    stdin=input is not None,
+                    user=user,
+                    workdir=workdir or self.policy.workspace,
+                    environment=env or None,
+                )["Id"]
+                sock = api.exec_start(exec_id, socket=True)
+            except docker.errors.NotFound as exc:
+                raise SandboxClosed(f"sandbox {self.name} is gone (its container was removed)") from exc
+            except docker.errors.APIError as exc:
+                if "is not running" in str(exc) or "is paused" in str(exc):
+                    raise SandboxClosed(f"sandbox {self.name} is not running: {exc.explanation}") from exc
+                raise
+        raw = getattr(sock, "_sock", sock)
+        out, err = _CappedStream(max_output), _CappedStream(max_output)
+        if input is not None:
+            threading.Thread(target=_send_input, args=(raw, input), daemon=True).start()
+
+        def pump() -> None:
+            with contextlib.suppress(Exception):
+                for stream, data in frames_iter(sock, tty=False):
+                    (err if stream == _STDERR else out).feed(data)
+
+        reader = threading.Thread(target=pump, daemon=True, name=f"exec-{exec_id[:8]}")
+        reader.start()
+        limit = None
+        deadline = started + timeout
+        next_disk_check = started + self.policy.disk_poll_seconds
+        while reader.is_alive():
+            now = time.monotonic()
+            if now >= deadline:
+                limit = "timeout"
+                break
+            if now >= next_disk_check:
+                next_disk_check = now + self.policy.disk_poll_seconds
+                if self.disk_usage() > self.policy.disk_bytes:
+                    limit = "disk"
+                    break
+            reader.join(timeout=min(0.05, max(0.0, deadline - now)))
+        if limit:
+            self._kill_user_processes(user)
+            reader.join(timeout=10)
+        with contextlib.suppress(Exception):
+            raw.close()
+        duration = time.monotonic() - started
+        with engine_errors():
+            info = api.exec_inspect(exec_id)
+        exit_code = None if info.get("Running") else info.get("ExitCode")
+        oom = self._oom_count() > oom_before
+        if limit is None and oom:
+            limit = "memory"
+        if limit is None and duration >= self.policy.disk_poll_seconds and self.disk_usage() > self.policy.disk_bytes:
+            limit = "disk"  # wrote past the limit between two polls and then exited
+        return _RawRun(exit_code, out, err, limit, duration, oom)
+
+    def _limit_message(self, limit: str, timeout: float) -> str:
+        if limit == "timeout":
+            return f"[labrat: killed after {timeout:g} s wall-clock timeout]"
+        if limit == "disk":
+            return (
+                f"[labrat: stopped: the container's writes exceed the disk limit of {self.policy.disk_bytes} bytes; "
+                "delete files to continue]"
+            )
+        return f"[labrat: out of memory: a process was killed at the {self.policy.memory_bytes}-byte memory limit]"
+
+    def _kill_user_processes(self, user: str) -> None:
+        """SIGKILL every process the user owns in the container (PID 1 and root's keep-alive survive)."""
+        with contextlib.suppress(Exception), engine_errors():
+            exec_id = client().api.exec_create(self.container.id, _KILL_ALL, user=user)["Id"]
+            client().api.exec_start(exec_id)
+
+    def _oom_count(self) -> int:
+        """The container cgroup's OOM-kill counter (cgroup v1 or v2), read from the host; 0 if unreadable."""
+        for path in _cgroup_memory_files(self.container.id):
+            with contextlib.suppress(OSError, ValueError):
+                text = Path(path).read_text()
+                for line in text.splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        return 0
+
+    def disk_usage(self) -> int:
+        """Bytes in the container's writable layer (what a snapshot would store), as the engine counts them."""
+        with engine_errors():
+            rows = client().api.containers(all=True, size=True, filters={"id": self.container.id})
+        if not rows:
+            raise SandboxClosed(f"sandbox {self.name} is gone (its container was removed)")
+        return int(rows[0].get("SizeRw") or 0)
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def _fsop(self, op: str, path: str, limit: int, data: bytes | None = None) -> bytes:
+        """Run one fsops.py operation as the agent's user; returns its raw stdout or raises a one-line error."""
+        rel = workspace_relpath(path, self.policy.workspace)
+        argv = [_PYTHON, "-I", "-S", "-c", _FSOPS_SOURCE, op, self.policy.workspace, rel, str(limit)]
+        # The helper refuses anything over `limit`, so a cap of 2*limit never truncates a legal answer.
+        run = self._run(argv, 120, 2 * limit + 65536, data, None, "/", None)
+        if run.exit_code == 0 and run.limit is None:
+            return bytes(run.out.head) + bytes(run.out.tail)
+        message = safe_text(bytes(run.err.head)).strip().splitlines()
+        message = message[-1] if message else f"{op} failed ({run.limit or run.exit_code})"
+        error = {3: PathRefused, 4: FileMissing, 5: FileTooLarge}.get(run.exit_code, SandboxError)
+        raise error(f"{op} {path}: {message}" if error is SandboxError else message)
+
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        """The bytes of a regular file in the workspace (symlinks followed only within it)."""
+        return self._fsop("read", path, max_bytes or self.policy.max_file_bytes)
+
+    def read_text(self, path: str, max_bytes: int | None = None) -> str:
+        return self.read_file(path, max_bytes).decode("utf-8", errors="replace")
+
+    def write_file(self, path: str, content: bytes | str) -> None:
+        """Atomically create or replace a workspace file as the agent's user (parents created, mode kept)."""
+        data = content.encode() if isinstance(content, str) else bytes(content)
+        if len(data) > self.policy.max_file_bytes:
+            raise FileTooLarge(f"content is {len(data)} bytes, over the {self.policy.max_file_bytes}-byte limit")
+        self._fsop("write", path, self.policy.max_file_bytes, data)
+
+    def list_dir(self, path: str = ".", max_entries: int = 10_000) -> list[FileEntry]:
+        return [FileEntry(**entry) for entry in json.loads(self._fsop("list", path, max_entries))]
+
+
+class _RawRun(NamedTuple):
+    exit_code: int | None
+    out: _CappedStream
+    err: _CappedStream
+    limit: str | None
+    duration: float
+    oom_killed: bool
+
+
+def _send_input(raw_socket, data: bytes) -> None:
+    """Write stdin to an exec's hijacked socket, then half-close it so the process sees EOF."""
+    with contextlib.suppress(OSError):
+        raw_socket.sendall(data)
+        raw_socket.shutdown(socket.SHUT_WR)
+
+
+def _cgroup_memory_files(container_id: str) -> list[str]:
+    # cgroup v1 (cgroupfs or systemd driver), then v2; the first readable one wins.
+    return [
+        f"/sys/fs/cgroup/memory/docker/{container_id}/memory.oom_control",
+        f"/sys/fs/cgroup/memory/system.slice/docker-{container_id}.scope/memory.oom_control",
+        f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/memory.events",
+        f"/sys/fs/cgroup/docker/{container_id}/memory.events",
+    ]
+
+
+@atexit.register
+def close_all() -> None:
+    """Remove every sandbox this process still holds (normal exit, or an exception that reached the top)."""
+    for sandbox in list(_LIVE):
+        with contextlib.suppress(Exception):
+            sandbox.close()

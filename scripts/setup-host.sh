@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Idempotent host setup for labrat: Docker engine, debootstrap, gVisor (runsc) registered, engine running.
+# Installs only what is missing; prints one line and exits non-zero when it cannot proceed.
+set -euo pipefail
+
+say() { printf 'labrat setup: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+engine_up() { docker info >/dev/null 2>&1; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"; else return 1; fi; }
+
+missing=()
+command -v dockerd >/dev/null || missing+=(docker.io)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+command -v runsc >/dev/null || missing+=(runsc)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+    || die "cannot install ${missing[*]}: run as root (or with passwordless sudo), or install them yourself"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed: install them yourself and re-run"
+fi
+
+# Register gVisor as a Docker runtime (no network inside the gVisor sandbox either).
+daemon_json=/etc/docker/daemon.json
+runsc_path=$(command -v runsc || echo /usr/bin/runsc)
+changed=$(as_root python3 - "$daemon_json" "$runsc_path" <<'PY' || echo error
+import json, os, sys
+path, runsc = sys.argv[1], sys.argv[2]
+cfg = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
+want = {"path": runsc, "runtimeArgs": ["--network=none"]}
+if cfg.get("runtimes", {}).get("runsc") == want:
+    print("no")
+else:
+    cfg.setdefault("runtimes", {})["runsc"] = want
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    json.dump(cfg, open(path, "w"), indent=2)
+    print("yes")
+PY
+)
+[ "$changed" = error ] && say "could not register runsc in $daemon_json (not root?); gVisor will be unavailable"
+
+if engine_up; then
+  if [ "$changed" = yes ]; then
+    say "runsc registered; reloading dockerd"
+    as_root pkill -HUP -x dockerd || true
+    sleep 1
+  fi
+else
+  say "starting dockerd"
+  if [ -d /run/systemd/system ] && as_root systemctl start docker 2>/dev/null; then :
+  else
+    as_root true || die "the Docker engine is not running and I am not root: start it (sudo systemctl start docker) and re-run"
+    as_root setsid dockerd >/var/log/labrat-dockerd.log 2>&1 < /dev/null &
+  fi
+  for _ in $(seq 1 90); do engine_up && break; sleep 1; done
+  engine_up || die "dockerd did not come up in 90 s; see /var/log/labrat-dockerd.log"
+fi
+docker info --format '{{.ServerVersion}}' >/dev/null 2>&1 \
+  || die "the Docker engine is running but not reachable by $(id -un): add yourself to the 'docker' group (sudo usermod -aG docker $USER) and log in again"
+say "engine ready (Docker $(docker info --format '{{.ServerVersion}}'), runtimes: $(docker info --format '{{range $k, $v := .Runtimes}}{{$k}} {{end}}'))"
