@@ -121,6 +121,7 @@ class Sandbox:
         self.policy = policy
         self.session = session
         self.origin = origin  # the image (sandbox image or snapshot) this container started from
+        self.last_snapshot: str | None = None  # image id of the latest snapshot taken of this sandbox
         self._closed = False
         _LIVE.add(self)
 

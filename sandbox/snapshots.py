@@ -1,0 +1,313 @@
+"""SnapshotStore: per-experiment snapshots of a sandbox's filesystem as Docker images.
+
+A snapshot is `docker commit` of the container's writable layer (only the diff is stored), tagged
+`labrat-snapshot:<name>` and labelled with its lineage. Layers stack with each commit and overlay2
+cannot mount more than ~125 of them, so when a snapshot would sit more than `max_depth` commits
+above its base image it is *flattened* instead: the state directories (workspace and home, the
+only places the agent's user can write) are copied into a fresh container of the base image and
+committed there, one layer above the base. Every snapshot therefore restores at any lineage depth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import re
+import secrets
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import docker.errors
+import structlog
+from pydantic import BaseModel
+
+from sandbox.engine import LABEL_PREFIX, client, engine_errors, owner_labels
+from sandbox.errors import SandboxError, SnapshotMissing
+from sandbox.policy import SandboxPolicy
+from sandbox.sandbox import Sandbox
+
+log = structlog.get_logger(__name__)
+
+REPOSITORY = "labrat-snapshot"
+L_SNAPSHOT = "labrat.snapshot"
+L_NAME = "labrat.snapshot.name"
+L_PARENT = "labrat.snapshot.parent"
+L_BASE = "labrat.snapshot.base"
+L_DEPTH = "labrat.snapshot.depth"
+L_LINEAGE_DEPTH = "labrat.snapshot.lineage_depth"
+L_CREATED = "labrat.snapshot.created"
+USER_PREFIX = "labrat.meta."  # caller labels (experiment id, parent experiment, trainer hash, config, seed)
+DEFAULT_MAX_DEPTH = 48
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
+
+
+class Snapshot(BaseModel):
+    image_id: str
+    name: str
+    parent_id: str | None  # the snapshot this one was taken on top of (None for the first)
+    base_id: str  # the sandbox image every layer of this snapshot stands on
+    depth: int  # committed layers above the base image (1..max_depth): what overlay2 must stack
+    lineage_depth: int  # snapshots in the chain back to the base (unbounded; flattening does not reset it)
+    created: str
+    labels: dict[str, str]  # caller labels, prefix removed
+    layer_bytes: int = 0  # bytes of this snapshot's own (top) layer: what it costs the engine
+
+    @property
+    def ref(self) -> str:
+        return f"{REPOSITORY}:{self.name}"
+
+    @classmethod
+    def from_image(cls, image) -> Snapshot:
+        labels = image.labels or {}
+        if labels.get(L_SNAPSHOT) != "1":
+            raise SnapshotMissing(f"image {image.short_id} is not a labrat snapshot")
+        return cls(
+            image_id=image.id,
+            name=labels[L_NAME],
+            parent_id=labels.get(L_PARENT) or None,
+            base_id=labels[L_BASE],
+            depth=int(labels[L_DEPTH]),
+            lineage_depth=int(labels.get(L_LINEAGE_DEPTH, labels[L_DEPTH])),
+            created=labels.get(L_CREATED, ""),
+            labels={k[len(USER_PREFIX):]: v for k, v in labels.items() if k.startswith(USER_PREFIX)},
+            layer_bytes=int(image.history()[0].get("Size") or 0),
+        )
+
+
+class GcReport(BaseModel):
+    removed: list[str]
+    kept: list[str]
+    bytes_freed: int
+    dry_run: bool
+
+
+class SnapshotStore:
+    """Create, restore, query, export/import and garbage-collect snapshots on the engine."""
+
+    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH):
+        if not 1 <= max_depth <= 100:
+            raise ValueError("max_depth must be between 1 and 100 (overlay2 mounts at most ~125 layers)")
+        self.max_depth = max_depth
+
+    # -- create / restore --------------------------------------------------------------------------
+
+    def snapshot(self, sandbox: Sandbox, labels: dict[str, str] | None = None, name: str | None = None) -> Snapshot:
+        """Commit the sandbox's filesystem. Flattens onto the base when the layer stack would get too deep."""
+        name = name or f"s{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
+        if not _NAME_RE.match(name):
+            raise SandboxError(f"snapshot name {name!r} must match {_NAME_RE.pattern}")
+        if self._find(name) is not None:
+            raise SandboxError(f"snapshot {name} already exists")
+        # Lineage parent: the last snapshot of this sandbox, else the snapshot it was restored from.
+        # Layer depth counts from the image the container runs on: a commit adds one layer to *that*.
+        origin = self._snapshot_image(sandbox.origin)
+        parent = self._snapshot_image(sandbox.last_snapshot) if sandbox.last_snapshot else origin
+        base_id = origin.base_id if origin else self._image_id(sandbox.origin)
+        depth = origin.depth + 1 if origin else 1
+        meta = {
+            L_SNAPSHOT: "1",
+            L_NAME: name,
+            L_PARENT: parent.image_id if parent else "",
+            L_BASE: base_id,
+            L_LINEAGE_DEPTH: str(parent.lineage_depth + 1 if parent else 1),
+            L_CREATED: dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            **{USER_PREFIX + k: str(v) for k, v in (labels or {}).items()},
+        }
+        if depth > self.max_depth:
+            image = self._flatten(sandbox, base_id, {**meta, L_DEPTH: "1"}, name)
+        else:
+            image = self._commit(sandbox.container, {**meta, L_DEPTH: str(depth)}, name)
+        snap = Snapshot.from_image(image)
+        sandbox.last_snapshot = snap.image_id
+        log.info("snapshot.created", name=name, depth=snap.depth, lineage_depth=snap.lineage_depth)
+        return snap
+
+    def restore(self, snapshot: Snapshot | str, policy: SandboxPolicy | None = None, *, session: str = "adhoc",
+                role: str = "work") -> Sandbox:
+        """A new running sandbox whose filesystem is the snapshot's."""
+        snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
+        self._require_present(snap)
+        policy = (policy or SandboxPolicy()).model_copy(update={"image": snap.image_id})
+        sandbox = Sandbox.start(policy, session=session, role=role)
+        return sandbox
+
+    def _commit(self, container, labels: dict[str, str], name: str):
+        # The image config keeps the base's Env/Cmd/WorkingDir; Labels are replaced, so the container's
+        # owner labels (pid, host) never end up on a snapshot.
+        with engine_errors():
+            return container.commit(repository=REPOSITORY, tag=name, conf={"Labels": labels}, pause=True)
+
+    def _flatten(self, sandbox: Sandbox, base_id: str, labels: dict[str, str], name: str):
+        """Copy the sandbox's state directories into a fresh container of the base image and commit it there."""
+        policy = sandbox.policy
+        api = client().api
+        with engine_errors():
+            flat = client().containers.run(
+                base_id, command=["sleep", "infinity"], detach=True, user="root", network_mode="none",
+                labels=owner_labels(sandbox.session, "flatten"), runtime="runc",
+            )
+        try:
+            for directory in policy.state_dirs:
+                # get_archive streams the directory as the daemon sees it: symlinks stay links, never followed.
+                with engine_errors():
+                    stream, _ = api.get_archive(sandbox.container.id, directory)
+                with tempfile.TemporaryFile() as archive:
+                    for chunk in stream:
+                        archive.write(chunk)
+                    archive.seek(0)
+                    wipe = api.exec_create(flat.id, ["/bin/rm", "-rf", "--one-file-system", directory], user="root")
+                    api.exec_start(wipe["Id"])
+                    if api.exec_inspect(wipe["Id"])["ExitCode"] != 0:
+                        raise SandboxError(f"flatten: could not clear {directory} in the base container")
+                    parent_dir = str(Path(directory).parent)
+                    if not api.put_archive(flat.id, parent_dir, archive):
+                        raise SandboxError(f"flatten: could not copy {directory} into the base container")
+            return self._commit(flat, labels, name)
+        finally:
+            with contextlib.suppress(Exception):
+                flat.remove(force=True)
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def _find(self, name: str):
+        with engine_errors():
+            try:
+                return client().images.get(f"{REPOSITORY}:{name}")
+            except docker.errors.ImageNotFound:
+                return None
+
+    def get(self, ref: str) -> Snapshot:
+        """A snapshot by name, `labrat-snapshot:name`, or image id."""
+        name = ref.split(":", 1)[1] if ref.startswith(REPOSITORY + ":") else ref
+        image = self._find(name) if _NAME_RE.match(name) else None
+        if image is None:
+            with engine_errors():
+                try:
+                    image = client().images.get(ref)
+                except docker.errors.ImageNotFound:
+                    image = None
+        if image is None or (image.labels or {}).get(L_SNAPSHOT) != "1":
+            raise SnapshotMissing(f"snapshot {ref} does not exist (garbage-collected, or never imported here)")
+        return Snapshot.from_image(image)
+
+    def list(self, **label_filters: str) -> list[Snapshot]:
+        """All snapshots (optionally with caller labels equal to the given values), oldest first."""
+        filters = [f"{L_SNAPSHOT}=1"] + [f"{USER_PREFIX}{k}={v}" for k, v in label_filters.items()]
+        with engine_errors():
+            images = client().images.list(name=REPOSITORY, filters={"label": filters})
+        snaps = [Snapshot.from_image(image) for image in images]
+        return sorted(snaps, key=lambda s: (s.created, s.name))
+
+    def lineage(self, snapshot: Snapshot | str) -> list[Snapshot]:
+        """The chain from the oldest snapshot still present to `snapshot` (inclusive)."""
+        snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
+        by_id = {s.image_id: s for s in self.list()}
+        chain = [snap]
+        while chain[-1].parent_id and chain[-1].parent_id in by_id:
+            chain.append(by_id[chain[-1].parent_id])
+        return chain[::-1]
+
+    def children(self, snapshot: Snapshot | str) -> list[Snapshot]:
+        snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
+        return [s for s in self.list() if s.parent_id == snap.image_id]
+
+    def _snapshot_image(self, ref: str) -> Snapshot | None:
+        """The snapshot behind an image reference, or None for a plain (base) image."""
+        with engine_errors(image=ref):
+            image = client().images.get(ref)
+        if (image.labels or {}).get(L_SNAPSHOT) == "1":
+            return Snapshot.from_image(image)
+        return None
+
+    def _image_id(self, ref: str) -> str:
+        with engine_errors(image=ref):
+            return client().images.get(ref).id
+
+    def _require_present(self, snap: Snapshot) -> None:
+        with engine_errors():
+            try:
+                client().images.get(snap.image_id)
+            except docker.errors.ImageNotFound:
+                raise SnapshotMissing(f"snapshot {snap.name} is gone (garbage-collected?)") from None
+
+    # -- export / import ---------------------------------------------------------------------------
+
+    def export(self, snapshot: Snapshot | str, path: str | Path) -> Path:
+        """Write one snapshot as a self-contained tar (`docker save` of its image, all layers) plus a manifest."""
+        snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
+        path = Path(path)
+        with engine_errors():
+            image = client().images.get(snap.image_id)
+            partial = path.with_name(path.name + ".partial")
+            digest = hashlib.sha256()
+            with open(partial, "wb") as out:
+                for chunk in image.save(named=f"{REPOSITORY}:{snap.name}"):
+                    digest.update(chunk)
+                    out.write(chunk)
+        manifest = {"format": "labrat-snapshot/1", "snapshot": snap.model_dump(), "image_sha256": digest.hexdigest()}
+        with tarfile.open(path, "w") as bundle:
+            bundle.add(partial, arcname="image.tar")
+            data = json.dumps(manifest, indent=2).encode()
+            info = tarfile.TarInfo("manifest.json")
+            info.size = len(data)
+            bundle.addfile(info, fileobj=io.BytesIO(data))
+        partial.unlink()
+        return path
+
+    def import_(self, path: str | Path) -> Snapshot:
+        """Load a snapshot exported by `export`; verifies the image checksum before loading."""
+        path = Path(path)
+        try:
+            bundle = tarfile.open(path, "r")
+        except (OSError, tarfile.TarError) as exc:
+            raise SandboxError(f"{path} is not a labrat snapshot bundle: {exc}") from None
+        with bundle:
+            try:
+                manifest = json.loads(bundle.extractfile("manifest.json").read())
+                image_member = bundle.getmember("image.tar")
+            except (KeyError, AttributeError, ValueError) as exc:
+                raise SandboxError(f"{path} is not a labrat snapshot bundle (no manifest/image): {exc}") from None
+            if manifest.get("format") != "labrat-snapshot/1":
+                raise SandboxError(f"{path}: unknown bundle format {manifest.get('format')!r}")
+            digest = hashlib.sha256()
+            with tempfile.TemporaryFile() as image_tar:
+                source = bundle.extractfile(image_member)
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    image_tar.write(chunk)
+                if digest.hexdigest() != manifest["image_sha256"]:
+                    raise SandboxError(f"{path}: image checksum mismatch, the bundle was altered or truncated")
+                image_tar.seek(0)
+                with engine_errors():
+                    client().images.load(image_tar)
+        return self.get(manifest["snapshot"]["name"])
+
+    # -- garbage collection ------------------------------------------------------------------------
+
+    def gc(self, keep: Iterable[Snapshot | str], dry_run: bool = False) -> GcReport:
+        """Remove every snapshot not in `keep` and not an ancestor of one in `keep`."""
+        keep_snaps = [self.get(k) if isinstance(k, str) else k for k in keep]
+        keep_ids: set[str] = set()
+        for snap in keep_snaps:
+            keep_ids.update(s.image_id for s in self.lineage(snap))
+        doomed = [s for s in self.list() if s.image_id not in keep_ids]
+        if not dry_run:
+            # Newest first: a child goes before its parent, so parents' layers are freed as soon as possible.
+            for snap in sorted(doomed, key=lambda s: s.lineage_depth, reverse=True):
+                with engine_errors(), contextlib.suppress(docker.errors.ImageNotFound):
+                    client().images.remove(snap.ref, noprune=False)
+        # Each snapshot owns exactly its top layer; everything below is shared with its parent or the base.
+        freed = sum(s.layer_bytes for s in doomed)
+        report = GcReport(
+            removed=[s.name for s in doomed], kept=sorted(s.name for s in self.list() if s.image_id in keep_ids),
+            bytes_freed=freed, dry_run=dry_run,
+        )
+        log.info("snapshot.gc", removed=len(report.removed), bytes_freed=freed, dry_run=dry_run)
+        return report
+
+
