@@ -36,6 +36,7 @@ class SandboxPolicy(BaseModel):
     file_size_bytes: int = Field(2 * 1024**3, ge=1024**2)  # RLIMIT_FSIZE: one file cannot exceed this
     disk_poll_seconds: float = Field(0.5, gt=0)
     gpus: Literal["all"] | list[str] | None = None  # "all", or device ids/indices
+    kill_leftovers: bool = True  # processes an exec starts never outlive it (background jobs, setsid)
     exec_timeout: float = Field(600.0, gt=0)  # default wall-clock limit of one exec, seconds (host clock)
     max_output_bytes: int = Field(64 * 1024, ge=1024)  # per stream, head and tail kept
     max_file_bytes: int = Field(16 * 1024**2, ge=1024)  # read_file / write_file limit

@@ -34,6 +34,8 @@ log = structlog.get_logger(__name__)
 _FSOPS_SOURCE = (Path(__file__).parent / "fsops.py").read_text()
 _PYTHON = "/usr/bin/python3"  # the base image's interpreter, root-owned; never the agent's PATH
 _KILL_ALL = ["/bin/bash", "-c", "kill -KILL -1"]  # as the exec's user: every process it owns
+# Runs an exec's argv, then kills whatever it left behind (daemons, `setsid` escapees) before exiting with its status.
+_REAP_WRAPPER = ["/bin/bash", "-c", '"$@"; rc=$?; kill -KILL -1 2>/dev/null; exit $rc', "labrat-exec"]
 _STDOUT, _STDERR = 1, 2
 _LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
 
@@ -46,7 +48,7 @@ class ExecResult(BaseModel):
     duration: float
     truncated: bool = False  # at least one stream lost bytes to the output limit
     oom_killed: bool = False  # the kernel's OOM killer ended a process of this exec
-    limit: str | None = None  # which limit stopped it: "timeout", "disk", "memory"
+    limit: str | None = None  # what stopped it: "timeout", "disk", "memory", or "died" (the container itself)
 
     @property
     def ok(self) -> bool:
@@ -123,6 +125,7 @@ class Sandbox:
         self.origin = origin  # the image (sandbox image or snapshot) this container started from
         self.last_snapshot: str | None = None  # image id of the latest snapshot taken of this sandbox
         self._closed = False
+        self._dead_reason: str | None = None  # set when the container died under us (OOM under gVisor, killed)
         _LIVE.add(self)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -200,6 +203,9 @@ class Sandbox:
     def _check_open(self) -> None:
         if self._closed:
             raise SandboxClosed(f"sandbox {self.name} is closed")
+        if self._dead_reason:
+            why = "ran out of memory" if self._dead_reason == "memory" else "stopped unexpectedly"
+            raise SandboxClosed(f"sandbox {self.name} {why}; restore a snapshot to continue")
 
     # -- exec --------------------------------------------------------------------------------------
 
@@ -221,6 +227,8 @@ class Sandbox:
         """
         timeout = self.policy.exec_timeout if timeout is None else timeout
         argv = ["/bin/bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        if self.policy.kill_leftovers and (user or self.policy.user) != "root":
+            argv = _REAP_WRAPPER + argv
         run = self._run(argv, timeout, max_output or self.policy.max_output_bytes, input, user, workdir, env)
         stderr = run.err.text()
         if run.limit:
@@ -286,29 +294,59 @@ class Sandbox:
                 break
             if now >= next_disk_check:
                 next_disk_check = now + self.policy.disk_poll_seconds
-                if self.disk_usage() > self.policy.disk_bytes:
+                size, running = self._poll()
+                if not running:
+                    limit = self._check_alive()
+                    break
+                if size > self.policy.disk_bytes:
                     limit = "disk"
                     break
             reader.join(timeout=min(0.05, max(0.0, deadline - now)))
-        if limit:
+        if limit and not self._dead_reason:
             self._kill_user_processes(user)
             reader.join(timeout=10)
         with contextlib.suppress(Exception):
             raw.close()
         duration = time.monotonic() - started
         with engine_errors():
-            info = api.exec_inspect(exec_id)
-        exit_code = None if info.get("Running") else info.get("ExitCode")
+            try:
+                info = api.exec_inspect(exec_id)
+            except docker.errors.NotFound:
+                info = {}  # the engine forgets execs of a container that died
+        exit_code = info.get("ExitCode") if info and not info.get("Running") else None
         oom = self._oom_count() > oom_before
+        if (exit_code is None or exit_code >= 128) and self._check_alive() is not None:
+            # The whole container died (under gVisor an OOM kills the sandbox, not one process).
+            oom = oom or self._dead_reason == "memory"
+            limit = limit or self._dead_reason
+            return _RawRun(exit_code, out, err, limit, duration, oom)
         if limit is None and oom:
             limit = "memory"
-        if limit is None and duration >= self.policy.disk_poll_seconds and self.disk_usage() > self.policy.disk_bytes:
+        if limit is None and self._poll()[0] > self.policy.disk_bytes:
             limit = "disk"  # wrote past the limit between two polls and then exited
         return _RawRun(exit_code, out, err, limit, duration, oom)
+
+    def _check_alive(self) -> str | None:
+        """None while the container runs; else records and returns why it stopped ("memory" or "died")."""
+        with engine_errors(), contextlib.suppress(docker.errors.NotFound):
+            for _ in range(10):
+                self.container.reload()
+                state = self.container.attrs.get("State", {})
+                if state.get("Running"):
+                    return None
+                if state.get("OOMKilled"):
+                    break
+                time.sleep(0.1)  # the engine records OOMKilled from a separate event, shortly after the exit
+            self._dead_reason = "memory" if state.get("OOMKilled") else "died"
+            return self._dead_reason
+        self._dead_reason = "died"
+        return self._dead_reason
 
     def _limit_message(self, limit: str, timeout: float) -> str:
         if limit == "timeout":
             return f"[labrat: killed after {timeout:g} s wall-clock timeout]"
+        if limit == "died":
+            return "[labrat: the container stopped unexpectedly; restore a snapshot to continue]"
         if limit == "disk":
             return (
                 f"[labrat: stopped: the container's writes exceed the disk limit of {self.policy.disk_bytes} bytes; "
@@ -335,11 +373,15 @@ class Sandbox:
 
     def disk_usage(self) -> int:
         """Bytes in the container's writable layer (what a snapshot would store), as the engine counts them."""
+        return self._poll()[0]
+
+    def _poll(self) -> tuple[int, bool]:
+        """(writable-layer bytes, running?) in one engine call."""
         with engine_errors():
             rows = client().api.containers(all=True, size=True, filters={"id": self.container.id})
         if not rows:
             raise SandboxClosed(f"sandbox {self.name} is gone (its container was removed)")
-        return int(rows[0].get("SizeRw") or 0)
+        return int(rows[0].get("SizeRw") or 0), rows[0].get("State") == "running"
 
     # -- files -------------------------------------------------------------------------------------
 
