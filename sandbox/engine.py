@@ -28,7 +28,7 @@ MIN_API_VERSION = "1.41"
 
 _RUNSC_HINT = (
     'register it in /etc/docker/daemon.json as {"runtimes": {"runsc": {"path": "/usr/bin/runsc", '
-    '"runtimeArgs": ["--network=none"]}}} and reload dockerd (or run scripts/setup-host.sh)'
+    '"runtimeArgs": ["--network=none", "--overlay2=none"]}}} and reload dockerd (or run scripts/setup-host.sh)'
 )
 
 

@@ -10,7 +10,6 @@ Protocol: argv = [op, workspace, relpath, max_bytes]; file content on stdin/stdo
 exit 3 with a one-line message on stderr (exit 4: not found, 5: too large).
 """
 
-import errno
 import json
 import os
 import posixpath
@@ -36,11 +35,28 @@ def _split(rel):
     return [p for p in rel.split("/") if p not in ("", ".")]
 
 
+def _open_verified(name, dir_fd, expected, flags):
+    """open() that refuses to land anywhere but the inode lstat saw.
+
+    O_NOFOLLOW alone is not enough: gVisor (runsc 2024) follows a symlink given O_DIRECTORY|O_NOFOLLOW,
+    and an agent can swap an entry between our lstat and our open. Comparing (dev, inode) catches both.
+    """
+    fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
+        os.close(fd)
+        raise Refused(f"{name} changed while it was being opened (symlink swap?)")
+    return fd
+
+
 def _resolve(root_fd, parts, create_dirs, final_nofollow):
-    """Walk `parts` below root_fd. Returns (dir_fd, last_name) with symlinks resolved inside the root."""
+    """Walk `parts` below root_fd with every symlink resolved and kept inside the root.
+
+    Returns (dir_fd, last_name, open_parent_fds); last_name is "." when parts name the root itself.
+    """
     hops = 0
-    stack = []  # open directory fds, stack[-1] is the current directory
-    names = []  # the logical path walked so far (for messages and symlink arithmetic)
+    stack = []  # open directory fds, stack[-1] is the current directory's parent
+    names = []  # the logical path walked so far (for messages)
     fd = os.dup(root_fd)
     todo = list(parts)
     try:
@@ -53,28 +69,16 @@ def _resolve(root_fd, parts, create_dirs, final_nofollow):
                 fd = stack.pop()
                 names.pop()
                 continue
-            if not todo:  # last component: resolve a symlink here too, unless told not to
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    return fd, name, stack
-                if not stat.S_ISLNK(st.st_mode) or final_nofollow:
-                    return fd, name, stack
             try:
-                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
+                if not todo:
+                    return fd, name, stack
                 if not create_dirs:
                     raise NotFound("no such file or directory: " + "/".join(names + [name]))
                 os.mkdir(name, 0o755, dir_fd=fd)
-                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if not stat.S_ISLNK(st.st_mode):
-                    if todo:
-                        raise NotFound("not a directory: " + "/".join(names + [name]))
-                    return fd, name, stack
+            if stat.S_ISLNK(st.st_mode) and (todo or not final_nofollow):
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
                     raise Refused("too many levels of symbolic links")
@@ -91,9 +95,14 @@ def _resolve(root_fd, parts, create_dirs, final_nofollow):
                     names = []
                     todo = _split(rel) + todo
                 else:
+                    # Relative targets resolve from the link's directory; '..' above the root is refused.
                     todo = _split(target) + todo
-                    # Relative targets are resolved from the link's directory; '..' above the root is refused.
                 continue
+            if not todo:
+                return fd, name, stack
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotFound("not a directory: " + "/".join(names + [name]))
+            child = _open_verified(name, fd, st, os.O_RDONLY | os.O_DIRECTORY)
             stack.append(fd)
             names.append(name)
             fd = child
@@ -123,20 +132,14 @@ def op_read(rel, max_bytes):
     fd, name, stack = _resolve(root, _split(rel), create_dirs=False, final_nofollow=False)
     try:
         try:
-            f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             raise NotFound(f"no such file: {rel}")
-        except IsADirectoryError:
-            raise Refused(f"is a directory: {rel}")
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise Refused(f"symlink refused: {rel}")
-            raise
-        st = os.fstat(f)
         if stat.S_ISDIR(st.st_mode):
             raise Refused(f"is a directory: {rel}")
         if not stat.S_ISREG(st.st_mode):
-            raise Refused(f"not a regular file: {rel}")
+            raise Refused(f"not a regular file: {rel}")  # FIFOs and devices could block or never end
+        f = _open_verified(name, fd, st, os.O_RDONLY | os.O_NONBLOCK)
         if st.st_size > max_bytes:
             raise TooLarge(f"{rel} is {st.st_size} bytes, over the {max_bytes}-byte limit")
         out = sys.stdout.buffer
@@ -193,11 +196,12 @@ def op_list(rel, max_entries):
     fd, name, stack = _resolve(root, _split(rel), create_dirs=False, final_nofollow=False)
     try:
         try:
-            d = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             raise NotFound(f"no such directory: {rel}")
-        except NotADirectoryError:
+        if not stat.S_ISDIR(st.st_mode):
             raise Refused(f"not a directory: {rel}")
+        d = _open_verified(name, fd, st, os.O_RDONLY | os.O_DIRECTORY)
         try:
             entries = []
             for entry_name in sorted(os.listdir(d))[:max_entries]:

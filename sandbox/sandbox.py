@@ -326,18 +326,25 @@ class Sandbox:
             limit = "disk"  # wrote past the limit between two polls and then exited
         return _RawRun(exit_code, out, err, limit, duration, oom)
 
-    def _check_alive(self) -> str | None:
-        """None while the container runs; else records and returns why it stopped ("memory" or "died")."""
+    def _check_alive(self, settle: float = 0.5) -> str | None:
+        """None while the container runs; else records and returns why it stopped ("memory" or "died").
+
+        Called after an abnormal exit. A dying container (gVisor's sandbox hitting a limit) can still
+        read as running for a moment, and the engine records OOMKilled from a separate event, so the
+        state is read until it settles.
+        """
+        deadline = time.monotonic() + settle
         with engine_errors(), contextlib.suppress(docker.errors.NotFound):
-            for _ in range(10):
+            while True:
                 self.container.reload()
                 state = self.container.attrs.get("State", {})
-                if state.get("Running"):
-                    return None
-                if state.get("OOMKilled"):
+                running, oom = state.get("Running"), state.get("OOMKilled")
+                if oom or time.monotonic() >= deadline:
                     break
-                time.sleep(0.1)  # the engine records OOMKilled from a separate event, shortly after the exit
-            self._dead_reason = "memory" if state.get("OOMKilled") else "died"
+                time.sleep(0.05)
+            if running and not oom:
+                return None
+            self._dead_reason = "memory" if oom else "died"
             return self._dead_reason
         self._dead_reason = "died"
         return self._dead_reason
@@ -391,7 +398,7 @@ class Sandbox:
         argv = [_PYTHON, "-I", "-S", "-c", _FSOPS_SOURCE, op, self.policy.workspace, rel, str(limit)]
         # The helper refuses anything over `limit`, so a cap of 2*limit never truncates a legal answer.
         run = self._run(argv, 120, 2 * limit + 65536, data, None, "/", None)
-        if run.exit_code == 0 and run.limit is None:
+        if run.exit_code == 0 and run.limit in (None, "disk"):  # over the disk limit, files can still be read
             return bytes(run.out.head) + bytes(run.out.tail)
         message = safe_text(bytes(run.err.head)).strip().splitlines()
         message = message[-1] if message else f"{op} failed ({run.limit or run.exit_code})"

@@ -103,6 +103,13 @@ class SnapshotStore:
             raise SandboxError(f"snapshot name {name!r} must match {_NAME_RE.pattern}")
         if self._find(name) is not None:
             raise SandboxError(f"snapshot {name} already exists")
+        written = sandbox.disk_usage()
+        if written > sandbox.policy.disk_bytes:
+            # A workspace that ballooned must not be copied into the store (and into every later flatten).
+            raise SandboxError(
+                f"refusing to snapshot {sandbox.name}: it wrote {written} bytes, over its disk limit of "
+                f"{sandbox.policy.disk_bytes}; delete files first"
+            )
         # Lineage parent: the last snapshot of this sandbox, else the snapshot it was restored from.
         # Layer depth counts from the image the container runs on: a commit adds one layer to *that*.
         origin = self._snapshot_image(sandbox.origin)

@@ -15,20 +15,33 @@ command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(d
 command -v runsc >/dev/null || missing+=(runsc)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/tmp/labrat-apt.log 2>&1 \
     || die "cannot install ${missing[*]}: run as root (or with passwordless sudo), or install them yourself"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >>/tmp/labrat-apt.log 2>&1 \
     || die "apt-get install ${missing[*]} failed: install them yourself and re-run"
 fi
 
-# Register gVisor as a Docker runtime (no network inside the gVisor sandbox either).
+# gVisor: bookworm's own runsc (2022) fails statx from bookworm's coreutils (ls, stat: EINVAL) and
+# cannot run the rootfs without its overlay; bookworm-backports carries a 2024 release that can.
+runsc_version() { runsc --version 2>/dev/null | awk '/runsc version/{print $3}' | sed 's/^0.0~//; s/[.].*//'; }
+if [ "$(runsc_version)" \< "20240101" ] && grep -q 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+  mirror=$(awk '/^URIs:/{print $2; exit} /^deb /{print $2; exit}' /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list 2>/dev/null | head -n1)
+  say "installing runsc from bookworm-backports (the bookworm release is too old)"
+  as_root sh -c "printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' '${mirror:-http://deb.debian.org/debian}' > /etc/apt/sources.list.d/labrat-backports.sources" \
+    && as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/tmp/labrat-apt.log 2>&1 \
+    && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports runsc >>/tmp/labrat-apt.log 2>&1 \
+    || say "could not install runsc from bookworm-backports; gVisor tests will fail on this machine"
+fi
+
+# Register gVisor as a Docker runtime: no network inside its sandbox either, and no in-sandbox
+# rootfs overlay, so files written in the container land in the writable layer `docker commit` reads.
 daemon_json=/etc/docker/daemon.json
 runsc_path=$(command -v runsc || echo /usr/bin/runsc)
 changed=$(as_root python3 - "$daemon_json" "$runsc_path" <<'PY' || echo error
 import json, os, sys
 path, runsc = sys.argv[1], sys.argv[2]
 cfg = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
-want = {"path": runsc, "runtimeArgs": ["--network=none"]}
+want = {"path": runsc, "runtimeArgs": ["--network=none", "--overlay2=none"]}
 if cfg.get("runtimes", {}).get("runsc") == want:
     print("no")
 else:

@@ -1,0 +1,75 @@
+"""Shared fixtures: the real Docker engine, the real sandbox image, sandboxes under runc and gVisor."""
+
+import os
+
+import pytest
+
+from harness import logs
+from sandbox.engine import LABEL_OWNER_PID, client, require_runtime
+from sandbox.errors import SandboxError
+from sandbox.images import build_image
+from sandbox.policy import SandboxPolicy
+from sandbox.sandbox import Sandbox
+from sandbox.snapshots import SnapshotStore
+
+SESSION = f"pytest{os.getpid()}"
+logs.configure(level="warning", json=True)
+
+
+def _runsc_skip_reason() -> str | None:
+    try:
+        require_runtime("runsc")
+    except SandboxError as exc:
+        return f"gVisor cannot run here: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    """The CPU sandbox image (built once if missing; `make test` has already built it)."""
+    return build_image(progress=lambda line: None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_containers_left_behind():
+    """After the whole suite, no container started by this test process may remain."""
+    yield
+    leftovers = client().containers.list(all=True, filters={"label": f"{LABEL_OWNER_PID}={os.getpid()}"})
+    names = [c.name for c in leftovers]
+    for container in leftovers:
+        container.remove(force=True)
+    assert not names, f"containers left behind by the suite: {names}"
+
+
+@pytest.fixture(params=["runc", pytest.param("runsc", marks=pytest.mark.runsc)])
+def runtime(request) -> str:
+    if request.param == "runsc" and (reason := _runsc_skip_reason()):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the gVisor tests: {reason}")
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture
+def policy(image, runtime) -> SandboxPolicy:
+    return SandboxPolicy(image=image, runtime=runtime)
+
+
+@pytest.fixture
+def box(policy):
+    with Sandbox.start(policy, session=SESSION) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def runc_box(image):
+    with Sandbox.start(SandboxPolicy(image=image), session=SESSION) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def store():
+    """A snapshot store; every snapshot of this test session (names start with SESSION) is removed afterwards."""
+    store = SnapshotStore()
+    yield store
+    store.gc(keep=[s for s in store.list() if not s.name.startswith(SESSION)])
