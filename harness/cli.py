@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 import time
 from typing import Annotated
@@ -14,6 +13,7 @@ from rich.table import Table
 
 from harness import logs
 from sandbox.errors import SandboxError
+from sandbox.sandbox import interrupt_on_sigterm
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Run ML research agents in hardened, snapshotted containers.")
 image_app = typer.Typer(no_args_is_help=True, help="Build the sandbox images (offline).")
@@ -97,8 +97,7 @@ def demo(
 def main() -> None:
     """Entry point: structured logs, SIGTERM handled like Ctrl-C, one-line errors."""
     logs.configure()
-    # SIGTERM unwinds like Ctrl-C, so `with Sandbox` blocks and atexit remove their containers.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    interrupt_on_sigterm()
     try:
         app()
     except SandboxError as exc:

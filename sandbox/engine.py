@@ -65,7 +65,7 @@ def engine_errors(image: str | None = None):
                 "GPUs requested but this engine has no NVIDIA runtime: install the NVIDIA Container Toolkit "
                 "(nvidia-ctk runtime configure --runtime=docker) and restart dockerd, or run without --gpus"
             ) from exc
-        if "unknown or invalid runtime name" in text:
+        if "unknown or invalid runtime name" in text or "Unknown runtime specified" in text:
             raise RuntimeUnavailable(f"the engine does not know this runtime: {_RUNSC_HINT}") from exc
         raise
     except (requests.exceptions.ConnectionError, ConnectionError, socket.error) as exc:

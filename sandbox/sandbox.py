@@ -12,6 +12,7 @@ import contextlib
 import json
 import posixpath
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -139,7 +140,6 @@ class Sandbox:
             image=policy.image,
             command=["sleep", "infinity"],
             name=name,
-            detach=True,
             # PID 1 (tini) and its child run as root without capabilities, so the agent's user cannot
             # signal them: killing every agent process on a timeout never stops the container itself.
             user="root",
@@ -171,7 +171,9 @@ class Sandbox:
         container = None
         try:
             with engine_errors(image=policy.image):
-                container = client().containers.run(**kwargs)
+                # create + start, not run: run() would try to pull a missing image from a registry.
+                container = client().containers.create(**kwargs)
+                container.start()
         except BaseException:
             # A create that failed at start (bad runtime, no GPU driver) leaves a container behind.
             with contextlib.suppress(Exception):
@@ -447,6 +449,15 @@ def _cgroup_memory_files(container_id: str) -> list[str]:
         f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/memory.events",
         f"/sys/fs/cgroup/docker/{container_id}/memory.events",
     ]
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so `with Sandbox` blocks and atexit remove their containers."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 @atexit.register

@@ -154,10 +154,11 @@ class SnapshotStore:
         policy = sandbox.policy
         api = client().api
         with engine_errors():
-            flat = client().containers.run(
-                base_id, command=["sleep", "infinity"], detach=True, user="root", network_mode="none",
+            flat = client().containers.create(
+                base_id, command=["sleep", "infinity"], user="root", network_mode="none",
                 labels=owner_labels(sandbox.session, "flatten"), runtime="runc",
             )
+            flat.start()
         try:
             for directory in policy.state_dirs:
                 # get_archive streams the directory as the daemon sees it: symlinks stay links, never followed.
