@@ -29,11 +29,23 @@ def _containers(session: str):
     return client().containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"})
 
 
-def _start_holder(session: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, session], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    name = proc.stdout.readline().strip()
-    assert name.startswith(f"labrat-{session}-"), name
-    return proc, name
+@pytest.fixture
+def holder():
+    """Starts a process that holds a sandbox; the process is killed (and its container reaped) after the test."""
+    procs = []
+
+    def start(session: str) -> tuple[subprocess.Popen, str]:
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, session], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        name = proc.stdout.readline().strip()
+        assert name.startswith(f"labrat-{session}-"), name
+        return proc, name
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+    reap_orphans()
 
 
 def test_containers_are_labelled_and_removed_on_close(image):
@@ -46,18 +58,18 @@ def test_containers_are_labelled_and_removed_on_close(image):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_removes_the_container(image, sig):
+def test_interrupt_removes_the_container(image, holder, sig):
     session = f"{SESSION}sig{sig.value}"
-    proc, name = _start_holder(session)
+    proc, name = holder(session)
     assert len(_containers(session)) == 1
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert _containers(session) == []
 
 
-def test_orphans_of_a_killed_process_are_reaped_and_live_ones_kept(image):
+def test_orphans_of_a_killed_process_are_reaped_and_live_ones_kept(image, holder):
     session = f"{SESSION}kill"
-    proc, name = _start_holder(session)
+    proc, name = holder(session)
     proc.kill()  # SIGKILL: no handler runs, the container stays behind
     proc.wait(timeout=30)
     assert [c.name for c in _containers(session)] == [name]
