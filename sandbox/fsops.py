@@ -49,7 +49,7 @@ def _open_verified(name, dir_fd, expected, flags):
     return fd
 
 
-def _resolve(root_fd, parts, create_dirs, final_nofollow):
+def _resolve(root_fd, parts, create_dirs):
     """Walk `parts` below root_fd with every symlink resolved and kept inside the root.
 
     Returns (dir_fd, last_name, open_parent_fds); last_name is "." when parts name the root itself.
@@ -78,7 +78,7 @@ def _resolve(root_fd, parts, create_dirs, final_nofollow):
                     raise NotFound("no such file or directory: " + "/".join(names + [name]))
                 os.mkdir(name, 0o755, dir_fd=fd)
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode) and (todo or not final_nofollow):
+            if stat.S_ISLNK(st.st_mode):
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
                     raise Refused("too many levels of symbolic links")
@@ -127,55 +127,58 @@ def _close(fd, stack):
         os.close(f)
 
 
-def op_read(rel, max_bytes):
+def _lookup(rel, create_dirs=False):
+    """(parent dir fd, final name, fds to close, lstat of the final entry or None if it does not exist)."""
     root = _open_root()
-    fd, name, stack = _resolve(root, _split(rel), create_dirs=False, final_nofollow=False)
     try:
-        try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
+        fd, name, stack = _resolve(root, _split(rel), create_dirs)
+    finally:
+        os.close(root)
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    return fd, name, stack, st
+
+
+def op_read(rel, max_bytes):
+    fd, name, stack, st = _lookup(rel)
+    try:
+        if st is None:
             raise NotFound(f"no such file: {rel}")
         if stat.S_ISDIR(st.st_mode):
             raise Refused(f"is a directory: {rel}")
         if not stat.S_ISREG(st.st_mode):
             raise Refused(f"not a regular file: {rel}")  # FIFOs and devices could block or never end
-        f = _open_verified(name, fd, st, os.O_RDONLY | os.O_NONBLOCK)
         if st.st_size > max_bytes:
             raise TooLarge(f"{rel} is {st.st_size} bytes, over the {max_bytes}-byte limit")
-        out = sys.stdout.buffer
-        remaining = max_bytes + 1
-        while remaining > 0:
-            chunk = os.read(f, min(1 << 20, remaining))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-            if remaining <= 0:  # grew while we read
-                raise TooLarge(f"{rel} grew past the {max_bytes}-byte limit while being read")
-            out.write(chunk)
-        out.flush()
+        f = _open_verified(name, fd, st, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            out = sys.stdout.buffer
+            remaining = max_bytes + 1
+            while chunk := os.read(f, min(1 << 20, remaining)):
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    raise TooLarge(f"{rel} grew past the {max_bytes}-byte limit while being read")
+                out.write(chunk)
+            out.flush()
+        finally:
+            os.close(f)
     finally:
         _close(fd, stack)
 
 
 def op_write(rel, max_bytes):
-    parts = _split(rel)
-    if not parts:
+    if not _split(rel):
         raise Refused("cannot write to the workspace root itself")
     data = sys.stdin.buffer.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise TooLarge(f"content is over the {max_bytes}-byte limit")
-    root = _open_root()
-    fd, name, stack = _resolve(root, parts, create_dirs=True, final_nofollow=False)
+    fd, name, stack, st = _lookup(rel, create_dirs=True)
     try:
-        if name == ".":
+        if st is not None and stat.S_ISDIR(st.st_mode):
             raise Refused(f"is a directory: {rel}")
-        try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISDIR(st.st_mode):
-                raise Refused(f"is a directory: {rel}")
-        except FileNotFoundError:
-            mode = 0o644
+        mode = stat.S_IMODE(st.st_mode) if st is not None else 0o644
         # Write a sibling temp file and rename over: readers never see a half-written file.
         tmp = f".{name}.labrat-{os.getpid()}"
         f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=fd)
@@ -192,12 +195,9 @@ def op_write(rel, max_bytes):
 
 
 def op_list(rel, max_entries):
-    root = _open_root()
-    fd, name, stack = _resolve(root, _split(rel), create_dirs=False, final_nofollow=False)
+    fd, name, stack, st = _lookup(rel)
     try:
-        try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
+        if st is None:
             raise NotFound(f"no such directory: {rel}")
         if not stat.S_ISDIR(st.st_mode):
             raise Refused(f"not a directory: {rel}")
