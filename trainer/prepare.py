@@ -1,0 +1,263 @@
+"""Data and tokenizer for labrat's training core. Fixed: the agent may read this file, never change it.
+
+    python -m trainer.prepare --out data/                  # embedded synthetic corpus (default)
+    python -m trainer.prepare --out data/ --data notes/    # local text files or a directory
+    python -m trainer.prepare --out data/ --data https://host/shard.txt --sha256 HEX
+
+Writes `train.bin` and `val.bin` (uint8 byte tokens) and `meta.json` (sizes, checksums, and for
+the synthetic source the exact entropy floor and the unigram baseline in bits per byte).
+
+The synthetic source is a Markov chain over a random vocabulary of words, written out as
+space-separated text. Because the words are uniquely decodable from the bytes, the byte stream's
+entropy rate is the chain's entropy rate per word divided by the mean bytes per word: the best
+val_bpb any model can reach is known exactly, and every result is reported as a gap to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# ---- knobs -------------------------------------------------------------------------------------
+VOCAB_SIZE = 256  # byte-level tokenizer: token id == byte value
+SYNTH_WORDS = 384  # distinct words in the synthetic vocabulary
+SYNTH_SUCCESSORS = 6  # likely successors per word (the learnable structure)
+SYNTH_BACKGROUND = 0.08  # probability mass spread over all words (keeps the chain ergodic)
+SYNTH_CHAIN_WORDS = 8192  # words per independently sampled chain (chains are concatenated)
+SYNTH_TRAIN_BYTES = 4_000_000
+SYNTH_VAL_BYTES = 262_144
+REAL_VAL_FRACTION = 0.05  # of a real corpus, the tail held out for validation
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".tex", ".csv", ".json", ".html"}
+DOWNLOAD_CHUNK = 1 << 20
+
+
+class DataError(Exception):
+    """Missing, empty, corrupt or mismatched data; the message names the file."""
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+def encode(text: str | bytes) -> np.ndarray:
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+def decode(tokens) -> str:
+    return bytes(np.asarray(tokens, dtype=np.uint8)).decode("utf-8", errors="replace")
+
+
+# ---- the synthetic source ----------------------------------------------------------------------
+@dataclass
+class MarkovWordSource:
+    """A word-level Markov chain with an exactly computable byte entropy rate."""
+
+    words: list[bytes]
+    transition: np.ndarray  # (W, W) row-stochastic
+    stationary: np.ndarray  # (W,)
+
+    @classmethod
+    def from_seed(cls, seed: int) -> MarkovWordSource:
+        rng = np.random.default_rng(seed)
+        letters = np.frombuffer(b"etaoinshrdlucmfwypvbgkqjxz", dtype=np.uint8)
+        letter_p = 1.0 / np.arange(1, 27) ** 0.8
+        letter_p /= letter_p.sum()
+        words: set[bytes] = set()
+        while len(words) < SYNTH_WORDS:
+            length = int(rng.integers(1, 9))
+            words.add(bytes(rng.choice(letters, size=length, p=letter_p)))
+        words_list = sorted(words)
+        n = len(words_list)
+        popularity = 1.0 / np.arange(1, n + 1) ** 1.1  # Zipf-like unigram background
+        popularity = rng.permutation(popularity / popularity.sum())
+        transition = np.zeros((n, n))
+        for i in range(n):
+            successors = rng.choice(n, size=SYNTH_SUCCESSORS, replace=False)
+            transition[i, successors] = rng.dirichlet(np.full(SYNTH_SUCCESSORS, 0.7))
+        transition = (1 - SYNTH_BACKGROUND) * transition + SYNTH_BACKGROUND * popularity[None, :]
+        stationary = np.full(n, 1.0 / n)
+        for _ in range(2000):  # power iteration; the background mass makes it converge fast
+            stationary = stationary @ transition
+        return cls(words_list, transition, stationary / stationary.sum())
+
+    @property
+    def floor_bpb(self) -> float:
+        """Entropy rate in bits per byte: H(next word | word) / E[bytes per word incl. the space]."""
+        p = self.transition
+        row_entropy = -(p * np.log2(np.where(p > 0, p, 1))).sum(axis=1)
+        bits_per_word = float(self.stationary @ row_entropy)
+        lengths = np.array([len(w) + 1 for w in self.words])
+        bytes_per_word = float(self.stationary @ (p @ lengths))
+        return bits_per_word / bytes_per_word
+
+    def sample(self, n_bytes: int, seed: int) -> np.ndarray:
+        """`n_bytes` of text: independent chains sampled in parallel, each started from the stationary law."""
+        rng = np.random.default_rng(seed)
+        lengths = np.array([len(w) + 1 for w in self.words])
+        mean_len = float(self.stationary @ lengths)
+        n_words = int(n_bytes / mean_len * 1.1) + SYNTH_CHAIN_WORDS
+        n_chains = max(1, n_words // SYNTH_CHAIN_WORDS)
+        cumulative = np.cumsum(self.transition, axis=1)
+        cumulative[:, -1] = 1.0
+        state = rng.choice(len(self.words), size=n_chains, p=self.stationary)
+        ids = np.empty((n_chains, SYNTH_CHAIN_WORDS), dtype=np.int64)
+        for t in range(SYNTH_CHAIN_WORDS):
+            ids[:, t] = state
+            u = rng.random(n_chains)
+            state = (cumulative[state] < u[:, None]).sum(axis=1)
+        table = [w + b" " for w in self.words]
+        text = b"".join(table[i] for i in ids.reshape(-1))
+        if len(text) < n_bytes:
+            raise DataError("synthetic sampler produced too little text (internal error)")
+        return np.frombuffer(text[:n_bytes], dtype=np.uint8).copy()
+
+
+def unigram_bpb(train: np.ndarray, val: np.ndarray) -> float:
+    """Cross-entropy of `val` under the byte frequencies of `train` (add-one smoothed): the baseline to beat."""
+    counts = np.bincount(train, minlength=VOCAB_SIZE).astype(np.float64) + 1.0
+    log_p = np.log2(counts / counts.sum())
+    return float(-log_p[val].mean())
+
+
+# ---- real data ---------------------------------------------------------------------------------
+def read_text_source(path: Path) -> bytes:
+    """The bytes of a text file, or of every text file below a directory (sorted, so splits are stable)."""
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {path}")
+    chunks = []
+    for file in files:
+        data = file.read_bytes()
+        if b"\x00" in data[:65536]:
+            raise DataError(f"{file} looks binary (NUL bytes), not text")
+        if not data.strip():
+            raise DataError(f"{file} is empty")
+        chunks.append(data)
+    return b"\n".join(chunks)
+
+
+def download(url: str, dest: Path, sha256: str | None, timeout: float = 60.0) -> Path:
+    """Fetch `url` into `dest`, resuming a partial download (HTTP Range), verifying the checksum."""
+    partial = dest.with_name(dest.name + ".partial")
+    if dest.exists() and (sha256 is None or _sha256(dest) == sha256):
+        return dest
+    have = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            resumed = response.status == 206
+            with open(partial, "ab" if resumed else "wb") as out:
+                while chunk := response.read(DOWNLOAD_CHUNK):
+                    out.write(chunk)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # already complete
+            pass
+        else:
+            raise DataError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise DataError(f"downloading {url} failed: {getattr(exc, 'reason', exc)} (rerun to resume)") from None
+    if sha256 is not None:
+        actual = _sha256(partial)
+        if actual != sha256:
+            partial.unlink()
+            raise DataError(f"checksum mismatch for {url}: expected {sha256}, got {actual}; the partial file was removed")
+    partial.rename(dest)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(DOWNLOAD_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- the prepared directory --------------------------------------------------------------------
+def prepare(out: Path, data: str = "synthetic", seed: int = 1337, sha256: str | None = None,
+            train_bytes: int = SYNTH_TRAIN_BYTES, val_bytes: int = SYNTH_VAL_BYTES) -> dict:
+    """Write train.bin, val.bin and meta.json into `out`; returns the meta dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    meta: dict = {"vocab_size": VOCAB_SIZE, "tokenizer": "bytes", "seed": seed}
+    if data == "synthetic":
+        source = MarkovWordSource.from_seed(seed)
+        train = source.sample(train_bytes, seed=seed + 1)
+        val = source.sample(val_bytes, seed=seed + 2)  # an independent stream, never seen in training
+        meta.update(source="synthetic", floor_bpb=source.floor_bpb)
+    else:
+        if data.startswith(("http://", "https://")):
+            path = download(data, out / Path(data.split("?")[0]).name, sha256)
+        else:
+            path = Path(data)
+        corpus = read_text_source(path)
+        n_val = max(1, int(len(corpus) * REAL_VAL_FRACTION))
+        if len(corpus) < 1024:
+            raise DataError(f"{path} holds only {len(corpus)} bytes; at least 1024 are needed")
+        train, val = encode(corpus[:-n_val]), encode(corpus[-n_val:])
+        meta.update(source=str(data), floor_bpb=None)
+    meta.update(unigram_bpb=unigram_bpb(train, val), train_tokens=int(train.size), val_tokens=int(val.size))
+    for name, tokens in (("train", train), ("val", val)):
+        (out / f"{name}.bin").write_bytes(tokens.tobytes())
+        meta[f"{name}_sha256"] = hashlib.sha256(tokens.tobytes()).hexdigest()
+    meta["seconds"] = round(time.perf_counter() - started, 3)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def load_tokens(path: Path, expected_sha256: str | None = None) -> np.ndarray:
+    """A prepared split as uint8 tokens; a missing, empty or altered file is one clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path} (run `python -m trainer.prepare --out {path.parent}`)")
+    data = path.read_bytes()
+    if not data:
+        raise DataError(f"data file is empty: {path}")
+    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise DataError(f"data file {path} does not match its checksum in meta.json (corrupt or altered)")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def load_meta(directory: Path) -> dict:
+    path = Path(directory) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} not found (run `python -m trainer.prepare --out {directory}`)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is corrupt: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", default=os.environ.get("LABRAT_DATA", "synthetic"))
+    parser.add_argument("--sha256", default=None, help="expected checksum of a downloaded file")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--train-bytes", type=int, default=SYNTH_TRAIN_BYTES)
+    parser.add_argument("--val-bytes", type=int, default=SYNTH_VAL_BYTES)
+    args = parser.parse_args(argv)
+    try:
+        meta = prepare(args.out, args.data, args.seed, args.sha256, args.train_bytes, args.val_bytes)
+    except DataError as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 2
+    floor = f", floor {meta['floor_bpb']:.4f} bpb" if meta["floor_bpb"] is not None else ""
+    print(f"prepared {meta['train_tokens']} train / {meta['val_tokens']} val tokens in {meta['seconds']} s: "
+          f"unigram {meta['unigram_bpb']:.4f} bpb{floor}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
