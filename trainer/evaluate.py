@@ -18,6 +18,7 @@ which it answers with logits. The driver:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -118,9 +119,10 @@ class _Worker:
         return tail[-1] if tail else f"exit code {self.proc.wait()}"
 
     def close(self) -> None:
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            stream.close()
         self.proc.kill()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
         self.proc.wait()
 
 

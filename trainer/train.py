@@ -29,8 +29,8 @@ import torch.nn.functional as F
 CONFIGS = {
     # Learns visibly in 30-60 s on 2 CPU cores.
     "cpu-tiny": dict(
-        n_layer=4, n_head=4, n_embd=128, seq_len=128, batch_size=32, mlp_ratio=4,
-        lr=3e-3, weight_decay=0.1, warmup_frac=0.05, final_lr_frac=0.1, grad_clip=1.0,
+        n_layer=2, n_head=4, n_embd=128, seq_len=128, batch_size=16, mlp_ratio=4,
+        lr=5e-3, weight_decay=0.1, warmup_frac=0.02, final_lr_frac=0.1, grad_clip=1.0,
         dtype="float32", compile=False, time_budget=45.0,
     ),
     # autoresearch's size class (~50 M parameters) for one H100: bf16, torch.compile, flash SDPA.

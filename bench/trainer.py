@@ -1,0 +1,109 @@
+"""Training-core benchmark: cpu-tiny tokens/s bare vs in the CPU sandbox, and the gpu config on a GPU.
+
+    python bench/trainer.py                 # CPU: bare vs runc (and runsc if registered), one run
+    python bench/trainer.py --gpu-only      # on a GPU machine without Docker: tokens/s, MFU, memory
+
+Every figure is measured in this run; ratios compare runs made back to back, interleaved, best of N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CPU_BUDGET_S = 20.0  # per run; long enough for a steady tokens/s on 2 cores
+REPEATS = 2  # interleaved bare/container pairs; the best of each is kept
+GPU_BUDGET_S = 120.0
+TARGET_RATIO = {"runc": 0.98, "runsc": 0.90}
+
+
+def bare_run(config: str, budget: float, data: Path, extra: list[str] | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "trainer.train", "--config", config, "--data", str(data), "--out", out,
+               "--time-budget", str(budget), *(extra or [])]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        return json.loads((Path(out) / "summary.json").read_text())
+
+
+def container_run(box, budget: float) -> dict:
+    result = box.exec(f"python -m trainer.train --config cpu-tiny --data /workspace/data --out /workspace/out "
+                      f"--time-budget {budget}", timeout=budget * 4 + 120)
+    if result.exit_code != 0:
+        raise RuntimeError(f"in-container training failed: {result.stderr[-500:]}")
+    return json.loads(box.read_file("out/summary.json"))
+
+
+def cpu_bench(runtimes: list[str], budget: float) -> list[dict]:
+    from sandbox.engine import client
+    from sandbox.images import build_image
+    from sandbox.policy import SandboxPolicy
+    from sandbox.sandbox import Sandbox
+    from trainer.prepare import prepare
+
+    image = build_image(progress=lambda line: None)
+    rows = []
+    with tempfile.TemporaryDirectory() as data:
+        prepare(Path(data))
+        for runtime in runtimes:
+            if runtime == "runsc" and "runsc" not in client().info().get("Runtimes", {}):
+                rows.append({"name": "cpu-tiny runsc / bare", "skipped": "runsc is not registered with the engine"})
+                continue
+            policy = SandboxPolicy(image=image, runtime=runtime, memory_bytes=8 << 30)
+            with Sandbox.start(policy, session=f"benchtrain{os.getpid()}") as box:
+                prep = box.exec("python -m trainer.prepare --out /workspace/data", timeout=300)
+                if prep.exit_code != 0:
+                    raise RuntimeError(f"in-container prepare failed: {prep.stderr[-500:]}")
+                bare, inside = [], []
+                for _ in range(REPEATS):  # interleaved so drift on the host hits both sides alike
+                    bare.append(bare_run("cpu-tiny", budget, Path(data))["tokens_per_s"])
+                    inside.append(container_run(box, budget)["tokens_per_s"])
+            ratio = max(inside) / max(bare)
+            rows.append({"name": f"cpu-tiny {runtime} / bare", "bare_tok_s": max(bare), "container_tok_s": max(inside),
+                         "ratio": ratio, "target": TARGET_RATIO[runtime], "pass": ratio >= TARGET_RATIO[runtime]})
+    return rows
+
+
+def gpu_bench(budget: float) -> dict:
+    from trainer.prepare import prepare
+
+    with tempfile.TemporaryDirectory() as data:
+        prepare(Path(data), train_bytes=64_000_000, val_bytes=1_000_000)
+        summary = bare_run("gpu", budget, Path(data))
+    return {"name": "gpu config (bare)", "device": summary["device"], "tok_s": summary["tokens_per_s"],
+            "mfu": summary["mfu"], "peak_memory_gb": summary["peak_memory_bytes"] / 1e9, "params_m": summary["params"] / 1e6,
+            "steps": summary["steps"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtimes", default="runc,runsc")
+    parser.add_argument("--budget", type=float, default=CPU_BUDGET_S)
+    parser.add_argument("--gpu-only", action="store_true", help="skip the container rows (GPU machine without Docker)")
+    parser.add_argument("--gpu-budget", type=float, default=GPU_BUDGET_S)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    import torch
+
+    rows = [] if args.gpu_only else cpu_bench(args.runtimes.split(","), args.budget)
+    if torch.cuda.is_available():
+        rows.append(gpu_bench(args.gpu_budget))
+    print(f"# bench/trainer.py, {dt.date.today()}, {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}")
+    for row in rows:
+        print(json.dumps(row))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0 if all(row.get("pass", True) for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

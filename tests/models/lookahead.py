@@ -1,0 +1,16 @@
+"""A cheating model: it reads the next input token (which is the target) and predicts it with certainty."""
+
+import torch
+
+
+class LookAhead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, idx):
+        nxt = torch.roll(idx, shifts=-1, dims=1)
+        return torch.nn.functional.one_hot(nxt, 256).float() * 30.0
+
+
+def build_model(config):
+    return LookAhead()
