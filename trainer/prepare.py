@@ -157,9 +157,14 @@ def download(url: str, dest: Path, sha256: str | None, timeout: float = 60.0) ->
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             resumed = response.status == 206
+            length = response.headers.get("Content-Length")
+            expected = (have if resumed else 0) + int(length) if length else None
             with open(partial, "ab" if resumed else "wb") as out:
                 while chunk := response.read(DOWNLOAD_CHUNK):
                     out.write(chunk)
+        got = partial.stat().st_size
+        if expected is not None and got < expected:
+            raise DataError(f"downloading {url} failed: connection dropped after {got} of {expected} bytes (rerun to resume)")
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # already complete
             pass
