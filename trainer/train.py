@@ -144,7 +144,7 @@ def lr_at(progress: float, cfg: dict) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: dict, fused: bool) -> torch.optim.Optimizer:
-    # No weight decay on embeddings-free 1-D params (none here besides what rms_norm lacks) and on the embedding.
+    # Weight decay on the matrices only: not on the embedding table (a lookup, not a projection).
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("embed")]
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
