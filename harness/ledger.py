@@ -1,0 +1,219 @@
+"""The ledger: one SQLite file per lab (WAL), the record of sessions, experiments and tool calls.
+
+Every experiment is written in one transaction when it ends; an experiment is first inserted as
+`running`, so a harness killed mid-experiment leaves a row that the next start marks `crash`
+(never a half-written result). `results.tsv` is exported with autoresearch's columns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+Status = Literal["running", "keep", "discard", "crash", "timeout"]
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    agent TEXT NOT NULL,
+    model TEXT,
+    config_json TEXT NOT NULL,
+    stop_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS experiments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL REFERENCES sessions(id),
+    parent_id INTEGER REFERENCES experiments(id),
+    status TEXT NOT NULL CHECK (status IN ('running', 'keep', 'discard', 'crash', 'timeout')),
+    description TEXT NOT NULL,
+    snapshot TEXT,
+    snapshot_image_id TEXT,
+    diff TEXT,
+    metric REAL,
+    floor_gap REAL,
+    memory_bytes INTEGER,
+    seconds REAL,
+    tokens_in INTEGER NOT NULL DEFAULT 0,
+    tokens_out INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    log_tail TEXT,
+    summary_json TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS tool_calls (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL REFERENCES sessions(id),
+    experiment_id INTEGER REFERENCES experiments(id),
+    name TEXT NOT NULL,
+    input_json TEXT NOT NULL,
+    output TEXT NOT NULL,
+    is_error INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT,
+    kind TEXT NOT NULL,
+    detail_json TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS experiments_by_session ON experiments(session_id, id);
+"""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class Experiment(BaseModel):
+    id: int
+    session_id: str
+    parent_id: int | None
+    status: Status
+    description: str
+    snapshot: str | None = None
+    snapshot_image_id: str | None = None
+    diff: str | None = None
+    metric: float | None = None
+    floor_gap: float | None = None
+    memory_bytes: int | None = None
+    seconds: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    log_tail: str | None = None
+    summary_json: str | None = None
+    started_at: str
+    finished_at: str | None = None
+
+
+class Ledger:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions only
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a finished experiment survives a power cut
+        self.db.execute("PRAGMA foreign_keys=ON")
+        with self.transaction():
+            for statement in SCHEMA.split(";"):  # executescript() would commit our open transaction
+                if statement.strip():
+                    self.db.execute(statement)
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- sessions ----------------------------------------------------------------------------------
+    def start_session(self, session_id: str, agent: str, model: str | None, config: dict) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO sessions (id, started_at, agent, model, config_json) VALUES (?, ?, ?, ?, ?)",
+                       (session_id, _now(), agent, model, json.dumps(config, sort_keys=True)))
+
+    def end_session(self, session_id: str, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET ended_at = ?, stop_reason = ? WHERE id = ?", (_now(), reason, session_id))
+
+    def last_session(self) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM sessions ORDER BY started_at DESC LIMIT 1").fetchone()
+
+    # -- experiments -------------------------------------------------------------------------------
+    def begin_experiment(self, session_id: str, parent_id: int | None, description: str) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO experiments (session_id, parent_id, status, description, started_at) VALUES (?, ?, 'running', ?, ?)",
+                (session_id, parent_id, description, _now()))
+            return int(cursor.lastrowid)
+
+    def finish_experiment(self, experiment_id: int, status: Status, **fields) -> Experiment:
+        """Record the outcome of an experiment: every field in one transaction."""
+        if status == "running":
+            raise ValueError("an experiment finishes with keep, discard, crash or timeout")
+        allowed = set(Experiment.model_fields) - {"id", "session_id", "parent_id", "status", "description", "started_at"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown experiment fields: {sorted(unknown)}")
+        fields = {**fields, "finished_at": _now()}
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        with self.transaction() as db:
+            updated = db.execute(f"UPDATE experiments SET status = ?, {columns} WHERE id = ? AND status = 'running'",
+                                 (status, *fields.values(), experiment_id)).rowcount
+            if updated != 1:
+                raise ValueError(f"experiment {experiment_id} is not running")
+        return self.experiment(experiment_id)
+
+    def recover_interrupted(self, reason: str = "harness stopped during the experiment") -> list[int]:
+        """Mark experiments left `running` by a killed harness as crashed. Returns their ids."""
+        with self.transaction() as db:
+            ids = [row["id"] for row in db.execute("SELECT id FROM experiments WHERE status = 'running'")]
+            db.execute("UPDATE experiments SET status = 'crash', log_tail = ?, finished_at = ? WHERE status = 'running'",
+                       (reason, _now()))
+        return ids
+
+    def experiment(self, experiment_id: int) -> Experiment:
+        row = self.db.execute("SELECT * FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no experiment #{experiment_id} in {self.path}")
+        return Experiment(**dict(row))
+
+    def experiments(self, session_id: str | None = None) -> list[Experiment]:
+        query, args = "SELECT * FROM experiments", ()
+        if session_id:
+            query, args = query + " WHERE session_id = ?", (session_id,)
+        return [Experiment(**dict(row)) for row in self.db.execute(query + " ORDER BY id", args)]
+
+    def best(self) -> Experiment | None:
+        row = self.db.execute(
+            "SELECT * FROM experiments WHERE status = 'keep' AND metric IS NOT NULL ORDER BY metric ASC, id ASC LIMIT 1"
+        ).fetchone()
+        return Experiment(**dict(row)) if row else None
+
+    # -- tool calls and events ---------------------------------------------------------------------
+    def record_tool_call(self, session_id: str, experiment_id: int | None, name: str, tool_input: dict,
+                         output: str, is_error: bool, seconds: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO tool_calls (session_id, experiment_id, name, input_json, output, is_error, seconds, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, experiment_id, name, json.dumps(tool_input, default=str)[:100_000], output[:20_000],
+                 int(is_error), seconds, _now()))
+
+    def record_event(self, session_id: str | None, kind: str, **detail) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO events (session_id, kind, detail_json, created_at) VALUES (?, ?, ?, ?)",
+                       (session_id, kind, json.dumps(detail, default=str), _now()))
+
+    # -- export ------------------------------------------------------------------------------------
+    def results_tsv(self) -> str:
+        """autoresearch's results.tsv: commit, val_bpb, memory_gb, status, description (tab-separated)."""
+        lines = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription"]
+        for e in self.experiments():
+            if e.status == "running":
+                continue
+            metric = f"{e.metric:.6f}" if e.metric is not None else "0.000000"
+            memory = f"{(e.memory_bytes or 0) / 1024**3:.1f}"
+            description = " ".join(e.description.split())
+            lines.append(f"{(e.snapshot or f'exp{e.id}')[:12]}\t{metric}\t{memory}\t{e.status}\t{description}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,70 @@
+"""The ledger on a real SQLite file: transactions, recovery after a kill, results.tsv."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.ledger import Ledger
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.start_session("s1", agent="offline", model=None, config={"budget": 30})
+    yield ledger
+    ledger.close()
+
+
+def test_experiment_lifecycle_and_best(ledger):
+    a = ledger.begin_experiment("s1", None, "baseline")
+    ledger.finish_experiment(a, "keep", metric=1.5, snapshot="s1-e1", memory_bytes=2 * 1024**3, seconds=31.0)
+    b = ledger.begin_experiment("s1", a, "wider\tmodel\nwith newline")
+    ledger.finish_experiment(b, "discard", metric=1.7)
+    c = ledger.begin_experiment("s1", a, "lr x2")
+    ledger.finish_experiment(c, "keep", metric=1.2)
+    assert ledger.best().id == c
+    assert [e.parent_id for e in ledger.experiments()] == [None, a, a]
+    with pytest.raises(ValueError, match="not running"):
+        ledger.finish_experiment(a, "discard")
+    with pytest.raises(ValueError, match="unknown experiment fields"):
+        ledger.finish_experiment(ledger.begin_experiment("s1", c, "x"), "crash", bogus=1)
+
+
+def test_results_tsv_has_autoresearchs_columns(ledger):
+    e = ledger.begin_experiment("s1", None, "tabs\tand\nnewlines")
+    ledger.finish_experiment(e, "keep", metric=0.987654321, memory_bytes=int(44.2 * 1024**3), snapshot="abcdef1234567890")
+    ledger.begin_experiment("s1", e, "still running")
+    lines = ledger.results_tsv().splitlines()
+    assert lines[0].split("\t") == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert lines[1].split("\t") == ["abcdef123456", "0.987654", "44.2", "keep", "tabs and newlines"]
+    assert len(lines) == 2  # the running experiment is not a result yet
+
+
+def test_a_kill_mid_transaction_loses_nothing_and_leaves_no_half_row(ledger, tmp_path):
+    done = ledger.begin_experiment("s1", None, "finished before the kill")
+    ledger.finish_experiment(done, "keep", metric=1.0)
+    script = (
+        "import os, signal, sys\n"
+        "from harness.ledger import Ledger\n"
+        "l = Ledger(sys.argv[1])\n"
+        "e = l.begin_experiment('s1', None, 'in flight')\n"
+        "l.db.execute('BEGIN IMMEDIATE')\n"
+        "l.db.execute(\"UPDATE experiments SET status='keep', metric=0.1 WHERE id=?\", (e,))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ledger.db")], cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL
+    reopened = Ledger(tmp_path / "ledger.db")
+    statuses = {e.description: (e.status, e.metric) for e in reopened.experiments()}
+    assert statuses["finished before the kill"] == ("keep", 1.0)
+    assert statuses["in flight"] == ("running", None)  # the uncommitted update vanished
+    assert reopened.recover_interrupted() == [e.id for e in reopened.experiments() if e.description == "in flight"]
+    assert {e.status for e in reopened.experiments()} == {"keep", "crash"}
+    assert reopened.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    reopened.close()
