@@ -90,3 +90,21 @@ def test_missing_shard_and_unreachable_server(server, tmp_path):
         prepare.download(f"{base}/nope.txt", tmp_path / "nope.txt", sha256=None)
     with pytest.raises(prepare.DataError, match="downloading http://127.0.0.1:9/x.txt failed"):
         prepare.download("http://127.0.0.1:9/x.txt", tmp_path / "x.txt", sha256=None, timeout=5)
+
+
+def test_parquet_shards(tmp_path):
+    import pyarrow as pa  # in the test extra: this test never skips
+    import pyarrow.parquet as pq
+
+    docs = [f"document {i}: " + "words " * 50 for i in range(100)]
+    pq.write_table(pa.table({"text": docs, "id": list(range(100))}), tmp_path / "shard.parquet")
+    meta = prepare.prepare(tmp_path / "out", str(tmp_path / "shard.parquet"))
+    total = (tmp_path / "out" / "train.bin").read_bytes() + (tmp_path / "out" / "val.bin").read_bytes()
+    assert total == "\n".join(docs).encode()
+    assert meta["train_tokens"] > meta["val_tokens"] > 0
+    pq.write_table(pa.table({"body": ["x" * 2000]}), tmp_path / "wrong.parquet")
+    with pytest.raises(prepare.DataError, match="wrong.parquet is not a readable parquet shard"):
+        prepare.prepare(tmp_path / "out2", str(tmp_path / "wrong.parquet"))
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(prepare.DataError, match="corrupt.parquet is not a readable parquet shard"):
+        prepare.prepare(tmp_path / "out3", str(tmp_path / "corrupt.parquet"))

@@ -2,7 +2,7 @@
 
     python -m trainer.prepare --out data/                  # embedded synthetic corpus (default)
     python -m trainer.prepare --out data/ --data notes/    # local text files or a directory
-    python -m trainer.prepare --out data/ --data https://host/shard.txt --sha256 HEX
+    python -m trainer.prepare --out data/ --data https://host/shard.parquet --sha256 HEX
 
 Writes `train.bin` and `val.bin` (uint8 byte tokens) and `meta.json` (sizes, checksums, and for
 the synthetic source the exact entropy floor and the unigram baseline in bits per byte).
@@ -39,6 +39,7 @@ SYNTH_TRAIN_BYTES = 4_000_000
 SYNTH_VAL_BYTES = 262_144
 REAL_VAL_FRACTION = 0.05  # of a real corpus, the tail held out for validation
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".tex", ".csv", ".json", ".html"}
+PARQUET_TEXT_COLUMN = "text"  # the column read from .parquet shards (FineWeb-style)
 DOWNLOAD_CHUNK = 1 << 20
 
 
@@ -133,18 +134,32 @@ def read_text_source(path: Path) -> bytes:
     """The bytes of a text file, or of every text file below a directory (sorted, so splits are stable)."""
     if not path.exists():
         raise DataError(f"data path not found: {path}")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    suffixes = TEXT_SUFFIXES | {".parquet"}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
     if not files:
-        raise DataError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {path}")
+        raise DataError(f"no text or parquet files ({', '.join(sorted(suffixes))}) under {path}")
     chunks = []
     for file in files:
-        data = file.read_bytes()
+        data = read_parquet_text(file) if file.suffix == ".parquet" else file.read_bytes()
         if b"\x00" in data[:65536]:
             raise DataError(f"{file} looks binary (NUL bytes), not text")
         if not data.strip():
             raise DataError(f"{file} is empty")
         chunks.append(data)
     return b"\n".join(chunks)
+
+
+def read_parquet_text(path: Path) -> bytes:
+    """The `text` column of a parquet shard, documents joined by newlines (needs pyarrow)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path} is parquet: install pyarrow (pip install pyarrow) to read it") from None
+    try:
+        table = pq.read_table(path, columns=[PARQUET_TEXT_COLUMN])
+    except Exception as exc:  # pyarrow raises several types for a corrupt file or a missing column
+        raise DataError(f"{path} is not a readable parquet shard with a {PARQUET_TEXT_COLUMN!r} column: {exc}") from None
+    return "\n".join(str(doc) for doc in table.column(PARQUET_TEXT_COLUMN).to_pylist()).encode("utf-8")
 
 
 def download(url: str, dest: Path, sha256: str | None, timeout: float = 60.0) -> Path:
