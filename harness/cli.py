@@ -90,7 +90,7 @@ def demo(
             step("restore #1, read notes.txt", lambda: restored.read_text("notes.txt").strip())
     finally:
         with contextlib.suppress(SandboxError):
-            store.gc(keep=[s for s in store.list() if not s.name.startswith(session)])
+            store.gc(keep=[], name_prefix=session)
     out.print(table)
 
 

@@ -55,14 +55,14 @@ class Snapshot(BaseModel):
     lineage_depth: int  # snapshots in the chain back to the base (unbounded; flattening does not reset it)
     created: str
     labels: dict[str, str]  # caller labels, prefix removed
-    layer_bytes: int = 0  # bytes of this snapshot's own (top) layer: what it costs the engine
+    layer_bytes: int | None = None  # bytes of its own (top) layer; read for single snapshots, not by list()
 
     @property
     def ref(self) -> str:
         return f"{REPOSITORY}:{self.name}"
 
     @classmethod
-    def from_image(cls, image) -> Snapshot:
+    def from_image(cls, image, with_size: bool = False) -> Snapshot:
         labels = image.labels or {}
         if labels.get(L_SNAPSHOT) != "1":
             raise SnapshotMissing(f"image {image.short_id} is not a labrat snapshot")
@@ -75,7 +75,7 @@ class Snapshot(BaseModel):
             lineage_depth=int(labels.get(L_LINEAGE_DEPTH, labels[L_DEPTH])),
             created=labels.get(L_CREATED, ""),
             labels={k[len(USER_PREFIX):]: v for k, v in labels.items() if k.startswith(USER_PREFIX)},
-            layer_bytes=int(image.history()[0].get("Size") or 0),
+            layer_bytes=_top_layer_bytes(image) if with_size else None,
         )
 
 
@@ -129,7 +129,7 @@ class SnapshotStore:
             image = self._flatten(sandbox, base_id, {**meta, L_DEPTH: "1"}, name)
         else:
             image = self._commit(sandbox.container, {**meta, L_DEPTH: str(depth)}, name)
-        snap = Snapshot.from_image(image)
+        snap = Snapshot.from_image(image, with_size=True)
         sandbox.last_snapshot = snap.image_id
         log.info("snapshot.created", name=name, depth=snap.depth, lineage_depth=snap.lineage_depth)
         return snap
@@ -201,7 +201,7 @@ class SnapshotStore:
                     image = None
         if image is None or (image.labels or {}).get(L_SNAPSHOT) != "1":
             raise SnapshotMissing(f"snapshot {ref} does not exist (garbage-collected, or never imported here)")
-        return Snapshot.from_image(image)
+        return Snapshot.from_image(image, with_size=True)
 
     def list(self, **label_filters: str) -> list[Snapshot]:
         """All snapshots (optionally with caller labels equal to the given values), oldest first."""
@@ -214,11 +214,7 @@ class SnapshotStore:
     def lineage(self, snapshot: Snapshot | str) -> list[Snapshot]:
         """The chain from the oldest snapshot still present to `snapshot` (inclusive)."""
         snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
-        by_id = {s.image_id: s for s in self.list()}
-        chain = [snap]
-        while chain[-1].parent_id and chain[-1].parent_id in by_id:
-            chain.append(by_id[chain[-1].parent_id])
-        return chain[::-1]
+        return _chain(snap, {s.image_id: s for s in self.list()})
 
     def children(self, snapshot: Snapshot | str) -> list[Snapshot]:
         snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
@@ -297,25 +293,48 @@ class SnapshotStore:
 
     # -- garbage collection ------------------------------------------------------------------------
 
-    def gc(self, keep: Iterable[Snapshot | str], dry_run: bool = False) -> GcReport:
-        """Remove every snapshot not in `keep` and not an ancestor of one in `keep`."""
-        keep_snaps = [self.get(k) if isinstance(k, str) else k for k in keep]
+    def gc(self, keep: Iterable[Snapshot | str], dry_run: bool = False, name_prefix: str = "",
+           **label_filters: str) -> GcReport:
+        """Remove snapshots not in `keep` and not an ancestor of one in `keep`.
+
+        Only snapshots whose name starts with `name_prefix` and whose caller labels match
+        `label_filters` are candidates, so a lab never touches another lab's snapshots on a shared engine.
+        """
+        every = self.list()
+        by_id = {s.image_id: s for s in every}
         keep_ids: set[str] = set()
-        for snap in keep_snaps:
-            keep_ids.update(s.image_id for s in self.lineage(snap))
-        doomed = [s for s in self.list() if s.image_id not in keep_ids]
+        for kept in keep:
+            snap = self.get(kept) if isinstance(kept, str) else kept
+            keep_ids.update(s.image_id for s in _chain(snap, by_id))
+        candidates = self.list(**label_filters) if label_filters else every
+        doomed = [s for s in candidates if s.image_id not in keep_ids and s.name.startswith(name_prefix)]
+        for snap in doomed:
+            with engine_errors(), contextlib.suppress(docker.errors.ImageNotFound):
+                snap.layer_bytes = _top_layer_bytes(client().images.get(snap.image_id))
         if not dry_run:
             # Newest first: a child goes before its parent, so parents' layers are freed as soon as possible.
             for snap in sorted(doomed, key=lambda s: s.lineage_depth, reverse=True):
                 with engine_errors(), contextlib.suppress(docker.errors.ImageNotFound):
                     client().images.remove(snap.ref, noprune=False)
         # Each snapshot owns exactly its top layer; everything below is shared with its parent or the base.
-        freed = sum(s.layer_bytes for s in doomed)
+        freed = sum(s.layer_bytes or 0 for s in doomed)
         report = GcReport(
-            removed=[s.name for s in doomed], kept=sorted(s.name for s in self.list() if s.image_id in keep_ids),
+            removed=[s.name for s in doomed], kept=sorted(s.name for s in every if s.image_id in keep_ids),
             bytes_freed=freed, dry_run=dry_run,
         )
         log.info("snapshot.gc", removed=len(report.removed), bytes_freed=freed, dry_run=dry_run)
         return report
 
 
+
+
+def _chain(snap: Snapshot, by_id: dict[str, Snapshot]) -> list[Snapshot]:
+    """snap and its ancestors still present, oldest first."""
+    chain = [snap]
+    while chain[-1].parent_id and chain[-1].parent_id in by_id:
+        chain.append(by_id[chain[-1].parent_id])
+    return chain[::-1]
+
+
+def _top_layer_bytes(image) -> int:
+    return int(image.history()[0].get("Size") or 0)

@@ -72,4 +72,4 @@ def store():
     """A snapshot store; every snapshot of this test session (names start with SESSION) is removed afterwards."""
     store = SnapshotStore()
     yield store
-    store.gc(keep=[s for s in store.list() if not s.name.startswith(SESSION)])
+    store.gc(keep=[], name_prefix=SESSION)

@@ -125,11 +125,11 @@ def test_gc_keeps_the_kept_and_their_ancestors(runc_box, store):
     with store.restore(b, session=SESSION) as child:
         child.write_file("g", "d")
         d = store.snapshot(child, name=_name("gc-d"))
-    others = [s for s in store.list() if not s.name.startswith(SESSION + "-gc-")]
-    dry = store.gc(keep=[d, *others], dry_run=True)
+    prefix = _name("gc-")
+    dry = store.gc(keep=[d], dry_run=True, name_prefix=prefix)
     assert dry.removed == [c.name] and dry.dry_run
     assert store.get(c.name)  # a dry run removes nothing
-    report = store.gc(keep=[d, *others])
+    report = store.gc(keep=[d], name_prefix=prefix)
     assert report.removed == [c.name] and report.bytes_freed >= 20_000
     with pytest.raises(SnapshotMissing):
         store.get(c.name)
@@ -147,3 +147,12 @@ def test_snapshot_refused_over_the_disk_limit(image, store):
             store.snapshot(box, name=_name("balloon"))
         box.exec("rm balloon")
         assert store.snapshot(box, name=_name("after-cleanup")).layer_bytes < 1024 * 1024
+
+
+def test_gc_only_touches_its_candidates(runc_box, store):
+    mine = store.snapshot(runc_box, labels={"lab": "mine"}, name=_name("lab-mine"))
+    runc_box.write_file("x", "1")
+    theirs = store.snapshot(runc_box, labels={"lab": "theirs"}, name=_name("lab-theirs"))
+    report = store.gc(keep=[], name_prefix=_name("lab-"), lab="mine")
+    assert report.removed == [mine.name]
+    assert store.get(theirs.name).image_id == theirs.image_id
