@@ -22,7 +22,10 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     HOME=/home/agent \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-COPY --chown=agent:agent trainer /workspace/trainer
+# The training core belongs to root: the agent edits train.py and nothing else of it. (The metric never
+# depends on this: the harness evaluates with its own pristine copy of prepare.py and evaluate.py.)
+COPY trainer /workspace/trainer
+RUN chown agent:agent /workspace/trainer/train.py
 WORKDIR /workspace
 LABEL org.opencontainers.image.title="labrat sandbox (CPU)"
 CMD ["sleep", "infinity"]

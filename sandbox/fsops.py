@@ -179,17 +179,29 @@ def op_write(rel, max_bytes):
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise Refused(f"is a directory: {rel}")
         mode = stat.S_IMODE(st.st_mode) if st is not None else 0o644
-        # Write a sibling temp file and rename over: readers never see a half-written file.
+        # Write a sibling temp file and rename over: readers never see a half-written file. In a directory
+        # the user may not write (a writable file in a root-owned directory), rewrite the file in place.
         tmp = f".{name}.labrat-{os.getpid()}"
-        f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=fd)
+        try:
+            f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=fd)
+        except PermissionError:
+            if st is None:
+                raise Refused(f"permission denied: cannot create {rel}") from None
+            try:
+                f = _open_verified(name, fd, st, os.O_WRONLY | os.O_TRUNC)
+            except PermissionError:
+                raise Refused(f"permission denied: {rel} is read-only") from None
+            tmp = None
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(f, view):]
-            os.fchmod(f, mode)
+            if tmp:
+                os.fchmod(f, mode)
         finally:
             os.close(f)
-        os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        if tmp:
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
     finally:
         _close(fd, stack)
 

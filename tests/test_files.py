@@ -110,3 +110,14 @@ def test_size_limits(image, runtime):
         with pytest.raises(FileTooLarge):
             box.read_file("big.bin")
         assert len(box.read_file("big.bin", max_bytes=200_000)) == 100_000
+
+
+def test_the_training_core_is_read_only_but_train_py(box):
+    box.write_file("trainer/train.py", "# edited by the agent\n")
+    assert box.read_file("trainer/train.py") == b"# edited by the agent\n"
+    for protected in ("trainer/prepare.py", "trainer/evaluate.py", "trainer/new_module.py"):
+        with pytest.raises(PathRefused, match="permission denied"):
+            box.write_file(protected, "tampered")
+    result = box.exec("rm -f trainer/prepare.py; echo x >> trainer/evaluate.py; mv trainer/train.py trainer/t.py")
+    assert result.exit_code != 0
+    assert box.exec("ls trainer").stdout.split() == ["__init__.py", "evaluate.py", "prepare.py", "train.py"]

@@ -1,0 +1,53 @@
+"""labrat.toml: the lab's configuration, validated by pydantic. Bad config is one line naming the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_FILE = "labrat.toml"
+
+
+class ConfigError(Exception):
+    """labrat.toml is missing, unparsable, or has an invalid value; the message names the key."""
+
+
+class LabConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent: Literal["offline", "claude"] = "offline"
+    model: str = "claude-sonnet-4-5"  # used by the claude agent
+    trainer_config: Literal["cpu-tiny", "gpu"] = "cpu-tiny"
+    time_budget: float = Field(45.0, gt=0, description="training seconds per experiment")
+    grace: float = Field(30.0, ge=0, description="seconds past the budget before the hard kill")
+    max_experiments: int | None = Field(5, ge=1)
+    max_hours: float | None = Field(None, gt=0)
+    runtime: Literal["runc", "runsc"] = "runc"
+    gpus: str | None = None  # "all" or "0,1"
+    data: str = "synthetic"  # or a file, a directory, or an http(s) URL
+    data_sha256: str | None = None
+    seed: int = 1337
+    keep_rule: Literal["better", "better_by"] = "better"
+    min_improvement: float = Field(0.0, ge=0, description="bpb a result must gain to be kept, with better_by")
+    memory_gb: float = Field(4.0, gt=0)
+    cpus: float | None = Field(None, gt=0)
+    eval_tokens: int = Field(131_072, ge=1024)
+
+
+def load_config(lab: Path) -> LabConfig:
+    path = Path(lab) / CONFIG_FILE
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: run `labrat init {lab}` first") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return LabConfig(**raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {key}: {error['msg']}") from None
