@@ -27,11 +27,11 @@ GPU_BUDGET_S = 120.0
 TARGET_RATIO = {"runc": 0.98, "runsc": 0.90}
 
 
-def bare_run(config: str, budget: float, data: Path, extra: list[str] | None = None) -> dict:
+def bare_run(config: str, budget: float, data: Path, env: dict[str, str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "trainer.train", "--config", config, "--data", str(data), "--out", out,
-               "--time-budget", str(budget), *(extra or [])]
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+               "--time-budget", str(budget)]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         return json.loads((Path(out) / "summary.json").read_text())
 
 
@@ -51,6 +51,9 @@ def cpu_bench(runtimes: list[str], budget: float) -> list[dict]:
     from trainer.prepare import prepare
 
     image = build_image(progress=lambda line: None)
+    # Bare runs get the image's allocator settings, so the ratio measures the sandbox and nothing else.
+    image_env = dict(item.split("=", 1) for item in client().images.get(image).attrs["Config"]["Env"])
+    malloc_env = {k: v for k, v in image_env.items() if k.startswith("MALLOC_")}
     rows = []
     with tempfile.TemporaryDirectory() as data:
         prepare(Path(data))
@@ -65,7 +68,7 @@ def cpu_bench(runtimes: list[str], budget: float) -> list[dict]:
                     raise RuntimeError(f"in-container prepare failed: {prep.stderr[-500:]}")
                 bare, inside = [], []
                 for _ in range(REPEATS):  # interleaved so drift on the host hits both sides alike
-                    bare.append(bare_run("cpu-tiny", budget, Path(data))["tokens_per_s"])
+                    bare.append(bare_run("cpu-tiny", budget, Path(data), malloc_env)["tokens_per_s"])
                     inside.append(container_run(box, budget)["tokens_per_s"])
             ratio = max(inside) / max(bare)
             rows.append({"name": f"cpu-tiny {runtime} / bare", "bare_tok_s": max(bare), "container_tok_s": max(inside),
