@@ -171,20 +171,8 @@ def bench_exec(results: Results, policy: SandboxPolicy, n: int) -> None:
 
 def bench_start(results: Results, policy: SandboxPolicy, n: int) -> None:
     section = f"start ({policy.runtime})"
-    start_only, start_exec, close = [], [], []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        box = Sandbox.start(policy, session=SESSION, role="start")
-        try:
-            t1 = time.perf_counter()
-            must(box.exec("true"), "first exec")
-            t2 = time.perf_counter()
-        finally:
-            box.close()
-        t3 = time.perf_counter()
-        start_only.append(t1 - t0)
-        start_exec.append(t2 - t0)
-        close.append(t3 - t2)
+    timings = [time_first_exec(lambda: Sandbox.start(policy, session=SESSION, role="start")) for _ in range(n)]
+    start_only, start_exec, close = (list(column) for column in zip(*timings))
     med = statistics.median
     results.add(section, f"Sandbox.start + first exec, median of {n}", f"{med(start_exec):.3f} s", seconds=med(start_exec))
     results.add(section, "Sandbox.start alone, median", f"{med(start_only):.3f} s", seconds=med(start_only))
@@ -241,17 +229,22 @@ def bench_snapshot(results: Results, store: SnapshotStore, base: Snapshot, polic
 
 # -- 4. restore ---------------------------------------------------------------------------------------------
 
-def restore_once(store: SnapshotStore, snap: Snapshot, policy: SandboxPolicy) -> tuple[float, float]:
-    """(restore alone, restore + first exec) in seconds; the sandbox is closed outside the timing."""
+def time_first_exec(make_box: Callable[[], Sandbox]) -> tuple[float, float, float]:
+    """(start alone, start + first exec, close) in seconds for a sandbox that make_box() starts."""
     t0 = time.perf_counter()
-    box = store.restore(snap, policy, session=SESSION, role="restore")
+    box = make_box()
     try:
         t1 = time.perf_counter()
-        must(box.exec("true"), "first exec after restore")
+        must(box.exec("true"), "first exec")
         t2 = time.perf_counter()
     finally:
         box.close()
-    return t1 - t0, t2 - t0
+    return t1 - t0, t2 - t0, time.perf_counter() - t2
+
+
+def restore_once(store: SnapshotStore, snap: Snapshot, policy: SandboxPolicy) -> tuple[float, float]:
+    """(restore alone, restore + first exec) in seconds; the sandbox is closed outside the timing."""
+    return time_first_exec(lambda: store.restore(snap, policy, session=SESSION, role="restore"))[:2]
 
 
 def bench_restore(results: Results, store: SnapshotStore, base: Snapshot, policy: SandboxPolicy, n: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness import logs
+from harness.config import ConfigError
 from sandbox.errors import SandboxError
 from sandbox.sandbox import interrupt_on_sigterm
 
@@ -44,6 +46,15 @@ def image_build(
     with _status("building image") as update:
         name = build_image(gpu=gpu, base=base, tag=tag, progress=update)
     out.print(f"image ready: {name}")
+
+
+@app.command()
+def init(path: Annotated[Path, typer.Argument(help="Directory of the new lab.")]) -> None:
+    """Create a lab: labrat.toml (validated settings), program.md (the agent's instructions), the ledger."""
+    from harness.lab import init_lab
+
+    config_file = init_lab(path)
+    out.print(f"lab ready: {config_file} (edit it and {path / 'program.md'}, then `labrat run`)")
 
 
 @app.command()
@@ -100,7 +111,7 @@ def main() -> None:
     interrupt_on_sigterm()
     try:
         app()
-    except SandboxError as exc:
+    except (SandboxError, ConfigError) as exc:
         console.print(f"[bold red]labrat: error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
