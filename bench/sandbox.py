@@ -345,20 +345,8 @@ def machine() -> dict:
 
 
 def remove_bench_snapshots(store: SnapshotStore) -> list[str]:
-    """Remove every `bench-*` snapshot: gc keeping everyone else's (and their ancestors)."""
-    for _ in range(3):
-        keep = [s for s in store.list() if not s.name.startswith(PREFIX)]
-        # Others share this engine: a snapshot they create between our list() and gc's would be doomed too,
-        # so check with a dry run first and retry if anything not ours would go.
-        if any(not name.startswith(PREFIX) for name in store.gc(keep=keep, dry_run=True).removed):
-            continue
-        return store.gc(keep=keep).removed
-    # Still racing others: remove ours one by one rather than risk theirs.
-    ours = sorted((s for s in store.list() if s.name.startswith(PREFIX)), key=lambda s: -s.lineage_depth)
-    for snap in ours:
-        with contextlib.suppress(Exception):
-            client().images.remove(snap.ref)
-    return [s.name for s in ours]
+    """Remove every `bench-*` snapshot; gc's name prefix keeps everyone else's out of reach."""
+    return store.gc(keep=[], name_prefix=PREFIX).removed
 
 
 def print_table(results: Results, header: str) -> None:

@@ -17,18 +17,18 @@ def _name(suffix: str) -> str:
 def test_round_trip_files_permissions_deletions_and_home(box, store, policy):
     box.exec(
         "printf 'x = 1\\n' > train.py && chmod 750 train.py && mkdir -p data/sub && printf bin > data/sub/b"
-        " && ln -s data/sub link && rm -rf trainer && echo cfg > ~/.labrat_rc"
+        " && ln -s data/sub link && rm ~/.bashrc && echo cfg > ~/.labrat_rc"
     )
     snap = store.snapshot(box, labels={"experiment": "1", "seed": "7"}, name=_name("rt"))
     box.exec("echo changed-after > train.py")  # must not leak into the snapshot
     with store.restore(snap, policy, session=SESSION) as restored:
-        listing = restored.exec("stat -c '%n %a %U %F' train.py data/sub/b link; cat train.py; ls; cat ~/.labrat_rc")
+        listing = restored.exec("stat -c '%n %a %U %F' train.py data/sub/b link; cat train.py; ls -A ~; cat ~/.labrat_rc")
         lines = listing.stdout.splitlines()
         assert lines[0] == "train.py 750 agent regular file"
         assert lines[1] == "data/sub/b 644 agent regular file"
         assert lines[2].startswith("link 777 agent symbolic link")
         assert "x = 1" in listing.stdout and "changed-after" not in listing.stdout
-        assert "trainer" not in lines  # a deletion is part of the snapshot
+        assert ".bashrc" not in lines and ".profile" in lines  # a deletion is part of the snapshot
         assert lines[-1] == "cfg"
     assert snap.labels == {"experiment": "1", "seed": "7"}
     assert store.get(snap.name).image_id == snap.image_id
