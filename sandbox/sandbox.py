@@ -169,7 +169,6 @@ class Sandbox:
                 kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
             else:
                 kwargs["device_requests"] = [DeviceRequest(device_ids=list(policy.gpus), capabilities=[["gpu"]])]
-        container = None
         try:
             with engine_errors(image=policy.image):
                 # create + start, not run: run() would try to pull a missing image from a registry.
@@ -409,8 +408,10 @@ class Sandbox:
         """Run one fsops.py operation as the agent's user; returns its raw stdout or raises a one-line error."""
         rel = workspace_relpath(path, self.policy.workspace)
         argv = [_PYTHON, "-I", "-S", "-c", _FSOPS_SOURCE, op, self.policy.workspace, rel, str(limit)]
-        # The helper refuses anything over `limit`, so a cap of 2*limit never truncates a legal answer.
-        run = self._run(argv, 120, 2 * limit + 65536, data, None, "/", None, may_write=op == "write")
+        # The helper refuses anything over `limit` (bytes, or entries of at most ~600 JSON bytes), and the
+        # capped stream keeps half its cap as head: these caps never truncate a legal answer.
+        cap = 2 * (limit * 600 if op == "list" else limit) + 65536
+        run = self._run(argv, 120, cap, data, None, "/", None, may_write=op == "write")
         if run.exit_code == 0 and run.limit in (None, "disk"):  # over the disk limit, files can still be read
             return bytes(run.out.head) + bytes(run.out.tail)
         message = safe_text(bytes(run.err.head)).strip().splitlines()

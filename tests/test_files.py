@@ -121,3 +121,9 @@ def test_the_training_core_is_read_only_but_train_py(box):
     result = box.exec("rm -f trainer/prepare.py; echo x >> trainer/evaluate.py; mv trainer/train.py trainer/t.py")
     assert result.exit_code != 0
     assert box.exec("ls trainer").stdout.split() == ["__init__.py", "evaluate.py", "prepare.py", "train.py"]
+
+
+def test_listing_a_large_directory_is_complete_json(runc_box):
+    runc_box.exec("mkdir many && cd many && for i in $(seq 3000); do : > \"file-with-a-longish-name-$i.txt\"; done")
+    entries = runc_box.list_dir("many")
+    assert len(entries) == 3000 and all(e.kind == "file" for e in entries)
