@@ -26,6 +26,9 @@ class SandboxPolicy(BaseModel):
     # Writable directories that together hold all of the container's persistent state (used when flattening).
     state_dirs: tuple[str, ...] = (WORKSPACE, HOME)
     cap_drop: tuple[str, ...] = ("ALL",)
+    # Capabilities given back (for harness-owned containers only, e.g. SETUID/SETGID for an evaluation
+    # driver that runs the model as another user). Never for a container that runs agent code as root.
+    cap_add: tuple[str, ...] = ()
     no_new_privileges: bool = True
     init: bool = True  # tini as PID 1 reaps zombies and forwards signals
     pids_limit: int = Field(256, ge=16)

@@ -147,6 +147,7 @@ class Sandbox:
             working_dir=policy.workspace,
             network_mode=policy.network_mode,
             cap_drop=list(policy.cap_drop),
+            cap_add=list(policy.cap_add) or None,
             security_opt=["no-new-privileges:true"] if policy.no_new_privileges else [],
             init=policy.init,
             pids_limit=policy.pids_limit,

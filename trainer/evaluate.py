@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import math
+import pwd
 import struct
 import subprocess
 import sys
@@ -89,12 +90,14 @@ def worker(checkpoint: Path, device: str) -> int:
 
 # ---- driver: holds the data, computes the metric -----------------------------------------------
 class _Worker:
-    def __init__(self, checkpoint: Path, device: str):
-        # The worker runs the agent's code, so it is not trusted either way: it only ever gets inputs.
+    def __init__(self, checkpoint: Path, device: str, user: str | None = None):
+        # The worker runs the agent's code: it only ever gets inputs. Run as another `user` (the driver
+        # must be root, or hold CAP_SETUID/CAP_SETGID), it cannot even read the validation file.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "trainer.evaluate", "--worker", str(Path(checkpoint).resolve()), "--device", device],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=Path(__file__).resolve().parent.parent,
+            user=user, group=pwd.getpwnam(user).pw_gid if user else None, extra_groups=[] if user else None,
         )
 
     def logits(self, batch: np.ndarray) -> torch.Tensor:
@@ -114,20 +117,30 @@ class _Worker:
         return F.log_softmax(logits, dim=-1)
 
     def _stderr_tail(self) -> str:
-        self.proc.kill()
+        self._stop()
         tail = self.proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
-        return tail[-1] if tail else f"exit code {self.proc.wait()}"
+        return tail[-1] if tail else f"exit code {self.proc.returncode}"
+
+    def _stop(self) -> None:
+        """End the worker: EOF on its stdin ends its loop; SIGKILL only if it does not (needs CAP_KILL
+        when the worker runs as another user)."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
     def close(self) -> None:
-        self.proc.kill()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        self._stop()
+        for stream in (self.proc.stdout, self.proc.stderr):
             with contextlib.suppress(OSError):
                 stream.close()
-        self.proc.wait()
 
 
 def evaluate(checkpoint: Path, val_tokens: np.ndarray, device: str = "cpu", eval_tokens: int = EVAL_TOKENS,
-             seq_len: int = EVAL_SEQ_LEN, batch_size: int = EVAL_BATCH) -> dict:
+             seq_len: int = EVAL_SEQ_LEN, batch_size: int = EVAL_BATCH, worker_user: str | None = None) -> dict:
     """val_bpb of the checkpoint on the first `eval_tokens` predictions of `val_tokens`, plus the causality verdict."""
     started = time.perf_counter()
     windows = min(eval_tokens // seq_len, (len(val_tokens) - 1) // seq_len)
@@ -139,7 +152,7 @@ def evaluate(checkpoint: Path, val_tokens: np.ndarray, device: str = "cpu", eval
     rng = np.random.default_rng(PROBE_SEED)
     batch_starts = list(range(0, windows, batch_size))
     probe_after = set(rng.choice(len(batch_starts), size=min(CAUSALITY_PROBES, len(batch_starts)), replace=False))
-    worker = _Worker(checkpoint, device)
+    worker = _Worker(checkpoint, device, worker_user)
     total_bits, scored, max_leak = 0.0, 0, 0.0
     try:
         for index, start in enumerate(batch_starts):
@@ -186,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     parser.add_argument("--seq-len", type=int, default=EVAL_SEQ_LEN)
+    parser.add_argument("--worker-user", default=None, help="run the model as this user (driver must be root)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -195,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = load_meta(args.data)
         val = load_tokens(args.data / "val.bin", meta.get("val_sha256"))
-        result = evaluate(args.checkpoint, val, args.device, args.eval_tokens, args.seq_len)
+        result = evaluate(args.checkpoint, val, args.device, args.eval_tokens, args.seq_len,
+                          worker_user=args.worker_user)
     except (DataError, EvaluationError) as exc:
         result = {"error": str(exc)}
         print(f"evaluate: error: {exc}", file=sys.stderr)
