@@ -30,7 +30,8 @@ def _status(message: str):
     with console.status(message) as status:
         def update(line: str) -> None:
             status.update(line[:120])
-            console.log(line[:160], highlight=False) if not console.is_terminal else None
+            if not console.is_terminal:  # no spinner in a log file or CI: keep each step as a line
+                console.log(line[:160], highlight=False)
         yield update
 
 

@@ -86,10 +86,7 @@ def ensure_base_image(name: str = BASE_IMAGE, progress: Progress = log.info) -> 
         progress(f"debootstrap {DEBIAN_SUITE} from {mirror} (about a minute)")
         with tempfile.TemporaryDirectory(prefix="labrat-rootfs-") as rootfs:
             cmd = [debootstrap, "--variant=minbase", f"--include={DEBOOTSTRAP_PACKAGES}", DEBIAN_SUITE, rootfs, mirror]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
-                raise BuildFailed(f"debootstrap failed: {tail[0]}")
+            _run_step(cmd, "debootstrap")
             partial = rootfs_tar.with_suffix(".partial")
             subprocess.run(["tar", "-C", rootfs, "-cf", str(partial), "."], check=True)
             partial.rename(rootfs_tar)
@@ -115,12 +112,17 @@ def ensure_wheelhouse(progress: Progress = log.info) -> Path:
         "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
         "--platform", "manylinux_2_28_x86_64", "-d", str(wheelhouse),
     ]
+    _run_step(cmd, f"pip download torch=={TORCH_VERSION}")
+    marker.touch()
+    return wheelhouse
+
+
+def _run_step(cmd: list[str], what: str) -> None:
+    """Run one build step; on failure, a one-line BuildFailed with the step's last line of output."""
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
-        raise BuildFailed(f"pip download torch=={TORCH_VERSION} failed: {tail[0]}")
-    marker.touch()
-    return wheelhouse
+        raise BuildFailed(f"{what} failed: {tail[0]}")
 
 
 def _context_files(dockerfile: Path, wheelhouse: Path) -> list[tuple[str, Path]]:

@@ -91,14 +91,12 @@ class _CappedStream:
         return head + tail
 
 
+_CONTROLS = {code: "\ufffd" for code in range(32) if chr(code) not in "\n\t"}
+
+
 def safe_text(data: bytes) -> str:
     """Decode bytes for display to a model or a terminal: invalid UTF-8 and control characters become U+FFFD."""
-    text = data.decode("utf-8", errors="replace")
-    return "".join(ch if ch >= " " or ch in "\n\t" else "\ufffd" for ch in text) if _has_controls(text) else text
-
-
-def _has_controls(text: str) -> bool:
-    return any(ch < " " and ch not in "\n\t" for ch in text)
+    return data.decode("utf-8", errors="replace").translate(_CONTROLS)
 
 
 def workspace_relpath(path: str, workspace: str) -> str:
