@@ -15,6 +15,7 @@ from rich.table import Table
 from harness import logs
 from harness.config import ConfigError
 from sandbox.errors import SandboxError
+from trainer.prepare import DataError
 from sandbox.sandbox import interrupt_on_sigterm
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Run ML research agents in hardened, snapshotted containers.")
@@ -56,6 +57,61 @@ def init(path: Annotated[Path, typer.Argument(help="Directory of the new lab.")]
 
     config_file = init_lab(path)
     out.print(f"lab ready: {config_file} (edit it and {path / 'program.md'}, then `labrat run`)")
+
+
+@app.command()
+def run(
+    lab: Annotated[Path, typer.Option("--lab", help="The lab directory (made by `labrat init`; created with defaults if missing).")] = Path("."),
+    agent: Annotated[str | None, typer.Option(help="offline (no key needed) or claude (ANTHROPIC_API_KEY).")] = None,
+    model: Annotated[str | None, typer.Option(help="Claude model name.")] = None,
+    budget: Annotated[float | None, typer.Option(help="Training seconds per experiment.")] = None,
+    max_experiments: Annotated[int | None, typer.Option("--max-experiments", help="Stop after this many experiments in the session.")] = None,
+    hours: Annotated[float | None, typer.Option(help="Stop after this many hours.")] = None,
+    gpus: Annotated[str | None, typer.Option(help='"all" or device ids like "0,1".')] = None,
+    runtime: Annotated[str | None, typer.Option(help="runc, or runsc for gVisor.")] = None,
+    new: Annotated[bool, typer.Option("--new", help="Start a new session even if the last one can be resumed.")] = False,
+) -> None:
+    """Start a research session, or resume the last one if it was interrupted."""
+    from harness.agents import AgentFailed, make_agent
+    from harness.config import apply_overrides, load_config
+    from harness.lab import ensure_lab, read_program
+    from harness.progress import LiveView, results_table
+    from harness.session import Session
+    from harness.tools import Toolbox
+
+    ensure_lab(lab)
+    config = apply_overrides(load_config(lab), agent=agent, model=model, time_budget=budget,
+                             max_experiments=max_experiments, max_hours=hours, gpus=gpus, runtime=runtime)
+    logs.configure(file=lab / "logs" / "labrat.log")
+    researcher = make_agent(config, read_program(lab))
+    failure = None
+    with _status("starting the session") as update:
+        session = Session(lab, config, agent=config.agent, model=researcher.model, new_session=new, status=update)
+        session.__enter__()
+    try:
+        view = LiveView(console, config.max_experiments, session.data.floor_bpb)
+        session.progress = view
+        action = "resumed" if session.resumed else "started"
+        console.print(f"session {session.session_id} {action} in {lab} ({config.agent} agent, {config.runtime}, "
+                      f"{'GPUs ' + config.gpus if config.gpus else 'CPU'}, {config.time_budget:g} s budget)", highlight=False)
+        with view:
+            try:
+                session.stop = researcher.run(Toolbox(session))
+            except AgentFailed as exc:
+                failure = str(exc)
+        experiments = session.session_experiments()
+    except BaseException as exc:
+        session.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if failure:
+        session.close(f"agent stopped: {failure}", resumable=True)
+    else:
+        session.__exit__(None, None, None)
+    out.print(results_table(experiments, title=f"session {session.session_id}"))
+    out.print(f"results: {lab / 'results.tsv'}; stop: {failure or session.stop}", highlight=False)
+    if failure:
+        console.print(f"[bold red]labrat: error:[/] {failure} (state saved: `labrat run` resumes)", highlight=False)
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -112,7 +168,7 @@ def main() -> None:
     interrupt_on_sigterm()
     try:
         app()
-    except (SandboxError, ConfigError) as exc:
+    except (SandboxError, ConfigError, DataError) as exc:
         console.print(f"[bold red]labrat: error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -22,7 +22,8 @@ class LabConfig(BaseModel):
     model: str = "claude-sonnet-4-5"  # used by the claude agent
     trainer_config: Literal["cpu-tiny", "gpu"] = "cpu-tiny"
     time_budget: float = Field(45.0, gt=0, description="training seconds per experiment")
-    grace: float = Field(30.0, ge=0, description="seconds past the budget before the hard kill")
+    grace: float = Field(30.0, ge=0, description="seconds past the budget before the hard kill (start-up, saving)")
+    deterministic_steps: int | None = Field(None, ge=1, description="train this many steps, bit-identically, instead of for the time budget")
     max_experiments: int | None = Field(5, ge=1)
     max_hours: float | None = Field(None, gt=0)
     runtime: Literal["runc", "runsc"] = "runc"
@@ -34,7 +35,9 @@ class LabConfig(BaseModel):
     min_improvement: float = Field(0.0, ge=0, description="bpb a result must gain to be kept, with better_by")
     memory_gb: float = Field(4.0, gt=0)
     cpus: float | None = Field(None, gt=0)
-    eval_tokens: int = Field(131_072, ge=1024)
+    eval_tokens: int = Field(131_072, ge=1024, description="held-out tokens scored per evaluation")
+    eval_timeout: float = Field(600.0, gt=0, description="seconds the evaluation may take")
+    max_tool_calls: int = Field(40, ge=1, description="agent tool calls allowed between two experiments")
 
 
 def load_config(lab: Path) -> LabConfig:
@@ -51,3 +54,14 @@ def load_config(lab: Path) -> LabConfig:
         error = exc.errors()[0]
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
         raise ConfigError(f"{path}: {key}: {error['msg']}") from None
+
+
+def apply_overrides(config: LabConfig, **overrides) -> LabConfig:
+    """The config with command-line overrides (None = not given), validated like the file."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return LabConfig(**{**config.model_dump(), **given})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        raise ConfigError(f"--{key.replace('_', '-')}: {error['msg']}") from None

@@ -51,3 +51,15 @@ def init_lab(path: Path) -> Path:
         program.write_text(PROGRAM)
     Ledger(path / LEDGER_FILE).close()
     return config_file
+
+
+def ensure_lab(path: Path) -> None:
+    """Make `path` a lab with the default settings if it is not one yet."""
+    if not (Path(path) / CONFIG_FILE).exists():
+        init_lab(path)
+
+
+def read_program(path: Path) -> str:
+    """The lab's research instructions (program.md), or the default ones if the file was removed."""
+    program = Path(path) / PROGRAM_FILE
+    return program.read_text() if program.exists() else PROGRAM

@@ -28,7 +28,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     agent TEXT NOT NULL,
     model TEXT,
     config_json TEXT NOT NULL,
-    stop_reason TEXT
+    stop_reason TEXT,
+    resumable INTEGER NOT NULL DEFAULT 1,
+    base_experiment_id INTEGER REFERENCES experiments(id),
+    root_sources_json TEXT
 );
 CREATE TABLE IF NOT EXISTS experiments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -48,6 +51,9 @@ CREATE TABLE IF NOT EXISTS experiments (
     cost_usd REAL NOT NULL DEFAULT 0,
     log_tail TEXT,
     summary_json TEXT,
+    eval_json TEXT,
+    sources_json TEXT,
+    train_seconds REAL,
     started_at TEXT NOT NULL,
     finished_at TEXT
 );
@@ -94,9 +100,29 @@ class Experiment(BaseModel):
     tokens_out: int = 0
     cost_usd: float = 0.0
     log_tail: str | None = None
-    summary_json: str | None = None
+    summary_json: str | None = None  # training's own summary.json (informational: written by the agent's code)
+    eval_json: str | None = None  # the protected evaluation's result
+    sources_json: str | None = None  # {path: text} of the workspace's source files at this experiment
+    train_seconds: float | None = None  # wall-clock seconds of the training container, host clock
     started_at: str
     finished_at: str | None = None
+
+
+class Session(BaseModel):
+    id: str
+    started_at: str
+    ended_at: str | None
+    agent: str
+    model: str | None
+    config_json: str
+    stop_reason: str | None
+    resumable: bool
+    base_experiment_id: int | None
+    root_sources_json: str | None
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.config_json)
 
 
 class Ledger:
@@ -127,17 +153,51 @@ class Ledger:
         self.db.close()
 
     # -- sessions ----------------------------------------------------------------------------------
-    def start_session(self, session_id: str, agent: str, model: str | None, config: dict) -> None:
+    def start_session(self, session_id: str, agent: str, model: str | None, config: dict,
+                      base_experiment_id: int | None = None, root_sources: dict[str, str] | None = None) -> Session:
         with self.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO sessions (id, started_at, agent, model, config_json) VALUES (?, ?, ?, ?, ?)",
-                       (session_id, _now(), agent, model, json.dumps(config, sort_keys=True)))
+            db.execute("INSERT OR IGNORE INTO sessions (id, started_at, agent, model, config_json, base_experiment_id,"
+                       " root_sources_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (session_id, _now(), agent, model, json.dumps(config, sort_keys=True), base_experiment_id,
+                        json.dumps(root_sources) if root_sources is not None else None))
+        return self.session(session_id)
 
-    def end_session(self, session_id: str, reason: str) -> None:
+    def end_session(self, session_id: str, reason: str, resumable: bool = False) -> None:
+        """Close a session. A resumable one (interrupted, API failure) is continued by the next `labrat run`."""
         with self.transaction() as db:
-            db.execute("UPDATE sessions SET ended_at = ?, stop_reason = ? WHERE id = ?", (_now(), reason, session_id))
+            db.execute("UPDATE sessions SET ended_at = ?, stop_reason = ?, resumable = ? WHERE id = ?",
+                       (_now(), reason, int(resumable), session_id))
 
-    def last_session(self) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM sessions ORDER BY started_at DESC LIMIT 1").fetchone()
+    def reopen_session(self, session_id: str) -> Session:
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET ended_at = NULL, stop_reason = NULL, resumable = 1 WHERE id = ?", (session_id,))
+        return self.session(session_id)
+
+    def set_base(self, session_id: str, experiment_id: int | None) -> None:
+        """The experiment the session's next experiments start from (rollback moves it)."""
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET base_experiment_id = ? WHERE id = ?", (experiment_id, session_id))
+
+    def session(self, session_id: str) -> Session:
+        row = self.db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no session {session_id} in {self.path}")
+        return Session(**dict(row))
+
+    def sessions(self) -> list[Session]:
+        return [Session(**dict(row)) for row in self.db.execute("SELECT * FROM sessions ORDER BY started_at, rowid")]
+
+    def last_session(self) -> Session | None:
+        row = self.db.execute("SELECT * FROM sessions ORDER BY started_at DESC, rowid DESC LIMIT 1").fetchone()
+        return Session(**dict(row)) if row else None
+
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # -- experiments -------------------------------------------------------------------------------
     def begin_experiment(self, session_id: str, parent_id: int | None, description: str) -> int:
@@ -148,7 +208,10 @@ class Ledger:
             return int(cursor.lastrowid)
 
     def finish_experiment(self, experiment_id: int, status: Status, **fields) -> Experiment:
-        """Record the outcome of an experiment: every field in one transaction."""
+        """Record the outcome of an experiment: every field in one transaction.
+
+        A kept experiment becomes its session's base in the same transaction, so a harness killed
+        right after never resumes from a stale base."""
         if status == "running":
             raise ValueError("an experiment finishes with keep, discard, crash or timeout")
         allowed = set(Experiment.model_fields) - {"id", "session_id", "parent_id", "status", "description", "started_at"}
@@ -162,6 +225,9 @@ class Ledger:
                                  (status, *fields.values(), experiment_id)).rowcount
             if updated != 1:
                 raise ValueError(f"experiment {experiment_id} is not running")
+            if status == "keep":
+                db.execute("UPDATE sessions SET base_experiment_id = ? WHERE id = "
+                           "(SELECT session_id FROM experiments WHERE id = ?)", (experiment_id, experiment_id))
         return self.experiment(experiment_id)
 
     def recover_interrupted(self, reason: str = "harness stopped during the experiment") -> list[int]:
@@ -184,9 +250,11 @@ class Ledger:
             query, args = query + " WHERE session_id = ?", (session_id,)
         return [Experiment(**dict(row)) for row in self.db.execute(query + " ORDER BY id", args)]
 
-    def best(self) -> Experiment | None:
+    def best(self, session_id: str | None = None) -> Experiment | None:
+        where = " AND session_id = ?" if session_id else ""
         row = self.db.execute(
-            "SELECT * FROM experiments WHERE status = 'keep' AND metric IS NOT NULL ORDER BY metric ASC, id ASC LIMIT 1"
+            "SELECT * FROM experiments WHERE status = 'keep' AND metric IS NOT NULL" + where +
+            " ORDER BY metric ASC, id ASC LIMIT 1", (session_id,) if session_id else ()
         ).fetchone()
         return Experiment(**dict(row)) if row else None
 

@@ -232,7 +232,22 @@ def op_list(rel, max_entries):
         _close(fd, stack)
 
 
-OPS = {"read": op_read, "write": op_write, "list": op_list}
+def op_delete(rel, _limit):
+    fd, name, stack, st = _lookup(rel)
+    try:
+        if st is None:
+            raise NotFound(f"no such file: {rel}")
+        if stat.S_ISDIR(st.st_mode):
+            raise Refused(f"is a directory: {rel}")
+        try:
+            os.unlink(name, dir_fd=fd)  # removes a symlink itself, never its target
+        except PermissionError:
+            raise Refused(f"permission denied: cannot delete {rel}") from None
+    finally:
+        _close(fd, stack)
+
+
+OPS = {"read": op_read, "write": op_write, "list": op_list, "delete": op_delete}
 
 if __name__ == "__main__":
     op, WORKSPACE, relpath, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -44,6 +44,19 @@ class SandboxPolicy(BaseModel):
     max_output_bytes: int = Field(64 * 1024, ge=1024)  # per stream, head and tail kept
     max_file_bytes: int = Field(16 * 1024**2, ge=1024)  # read_file / write_file limit
     env: dict[str, str] = Field(default_factory=dict)
+    # Host directories bind-mounted read-only, container path -> host path (e.g. the training split at /data).
+    # Never snapshotted. The files must be readable by the agent's uid; hold nothing secret in them.
+    ro_mounts: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("ro_mounts")
+    @classmethod
+    def _absolute_mounts(cls, mounts: dict[str, str]) -> dict[str, str]:
+        for target, source in mounts.items():
+            if not target.startswith("/") or not source.startswith("/"):
+                raise ValueError(f"mount {source!r} -> {target!r}: both paths must be absolute")
+            if any(target == d or target.startswith(d.rstrip("/") + "/") for d in (WORKSPACE, HOME)):
+                raise ValueError(f"mount target {target} is inside a state directory; it would shadow snapshotted files")
+        return mounts
 
     @field_validator("gpus", mode="before")
     @classmethod

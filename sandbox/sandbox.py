@@ -161,6 +161,8 @@ class Sandbox:
             labels=owner_labels(session, role),
             runtime=policy.runtime,
         )
+        if policy.ro_mounts:
+            kwargs["volumes"] = {source: {"bind": target, "mode": "ro"} for target, source in policy.ro_mounts.items()}
         if policy.cpus:
             kwargs["nano_cpus"] = int(policy.cpus * 1e9)
         if policy.gpus:
@@ -389,6 +391,22 @@ class Sandbox:
                         return int(value)
         return 0
 
+    def peak_memory_bytes(self) -> int | None:
+        """The container's peak memory use so far, read from its cgroup on the host (None if unreadable)."""
+        for path in _cgroup_peak_files(self.container.id):
+            with contextlib.suppress(OSError, ValueError):
+                return int(Path(path).read_text().split()[0])
+        return None
+
+    def changes(self, under: str | None = None) -> dict[str, str]:
+        """Paths changed in the writable layer since the container's image (`docker diff`):
+        path -> "changed" | "added" | "deleted", optionally only below the directory `under`."""
+        with engine_errors():
+            changes = self.container.diff() or []
+        prefix = (under or "/").rstrip("/") + "/"
+        kinds = {0: "changed", 1: "added", 2: "deleted"}
+        return {c["Path"]: kinds.get(c.get("Kind"), "changed") for c in changes if c["Path"].startswith(prefix)}
+
     def disk_usage(self) -> int:
         """Bytes in the container's writable layer (what a snapshot would store), as the engine counts them."""
         return self._poll()[0]
@@ -410,7 +428,7 @@ class Sandbox:
         # The helper refuses anything over `limit` (bytes, or entries of at most ~600 JSON bytes), and the
         # capped stream keeps half its cap as head: these caps never truncate a legal answer.
         cap = 2 * (limit * 600 if op == "list" else limit) + 65536
-        run = self._run(argv, 120, cap, data, None, "/", None, may_write=op == "write")
+        run = self._run(argv, 120, cap, data, None, "/", None, may_write=op in ("write", "delete"))
         if run.exit_code == 0 and run.limit in (None, "disk"):  # over the disk limit, files can still be read
             return bytes(run.out.head) + bytes(run.out.tail)
         message = safe_text(bytes(run.err.head)).strip().splitlines()
@@ -431,6 +449,10 @@ class Sandbox:
         if len(data) > self.policy.max_file_bytes:
             raise FileTooLarge(f"content is {len(data)} bytes, over the {self.policy.max_file_bytes}-byte limit")
         self._fsop("write", path, self.policy.max_file_bytes, data)
+
+    def delete_file(self, path: str) -> None:
+        """Remove a workspace file (a symlink is removed itself, never followed); directories are refused."""
+        self._fsop("delete", path, 0)
 
     def list_dir(self, path: str = ".", max_entries: int = 10_000) -> list[FileEntry]:
         return [FileEntry(**entry) for entry in json.loads(self._fsop("list", path, max_entries))]
@@ -459,6 +481,15 @@ def _cgroup_memory_files(container_id: str) -> list[str]:
         f"/sys/fs/cgroup/memory/system.slice/docker-{container_id}.scope/memory.oom_control",
         f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/memory.events",
         f"/sys/fs/cgroup/docker/{container_id}/memory.events",
+    ]
+
+
+def _cgroup_peak_files(container_id: str) -> list[str]:
+    return [
+        f"/sys/fs/cgroup/memory/docker/{container_id}/memory.max_usage_in_bytes",
+        f"/sys/fs/cgroup/memory/system.slice/docker-{container_id}.scope/memory.max_usage_in_bytes",
+        f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/memory.peak",
+        f"/sys/fs/cgroup/docker/{container_id}/memory.peak",
     ]
 
 

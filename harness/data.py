@@ -1,0 +1,73 @@
+"""The lab's data, prepared on the host by the harness's own trainer/prepare.py.
+
+Two directories, because they reach containers in different ways:
+
+* `data/train/` (train.bin, meta.json without the held-out checksum) is bind-mounted read-only at
+  /data into the working and training containers;
+* `data/heldout/` (val.bin, meta.json) never enters an agent's container: the evaluation copies
+  the tokens it scores into a root-only directory of a fresh evaluation container.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from harness.config import LabConfig
+from trainer.prepare import DataError, load_meta, prepare
+
+DATA_DIR = "data"
+KEY_FILE = "key.json"
+
+
+class PreparedData(BaseModel):
+    train_dir: Path
+    heldout_dir: Path
+    meta: dict
+
+    @property
+    def floor_bpb(self) -> float | None:
+        return self.meta.get("floor_bpb")
+
+    def eval_files(self, eval_tokens: int) -> dict[str, bytes]:
+        """val.bin cut to the tokens the evaluation scores, and a meta.json that matches it."""
+        val = (self.heldout_dir / "val.bin").read_bytes()[: eval_tokens + 1]
+        meta = {"floor_bpb": self.floor_bpb, "val_sha256": hashlib.sha256(val).hexdigest(), "val_tokens": len(val)}
+        return {"val.bin": val, "meta.json": json.dumps(meta).encode()}
+
+
+def ensure_data(lab: Path, config: LabConfig, progress=lambda line: None) -> PreparedData:
+    """Prepare the lab's data once (again only when `data`, `data_sha256` or `seed` change)."""
+    root = Path(lab) / DATA_DIR
+    key = {"data": config.data, "sha256": config.data_sha256, "seed": config.seed}
+    train_dir, heldout_dir = root / "train", root / "heldout"
+    key_file = root / KEY_FILE
+    if not (key_file.exists() and json.loads(key_file.read_text()) == key and (heldout_dir / "val.bin").exists()):
+        progress(f"preparing data: {config.data}")
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as scratch:
+            try:
+                meta = prepare(Path(scratch), config.data, config.seed, config.data_sha256)
+            except DataError as exc:
+                raise DataError(f"data = {config.data!r}: {exc}") from None
+            for directory in (train_dir, heldout_dir):
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir()
+            os.replace(Path(scratch) / "train.bin", train_dir / "train.bin")
+            os.replace(Path(scratch) / "val.bin", heldout_dir / "val.bin")
+            public = {k: v for k, v in meta.items() if not k.startswith("val_")}
+            (train_dir / "meta.json").write_text(json.dumps(public, indent=2))
+            (heldout_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+        key_file.write_text(json.dumps(key))
+    # The agent's uid reads the training split through the bind mount; nobody else needs the held-out one.
+    train_dir.chmod(0o755)
+    for path in train_dir.iterdir():
+        path.chmod(0o644)
+    heldout_dir.chmod(0o700)
+    return PreparedData(train_dir=train_dir.resolve(), heldout_dir=heldout_dir.resolve(), meta=load_meta(heldout_dir))

@@ -1,0 +1,67 @@
+"""Plain-text views of the ledger, shared by the agent's history tools and the CLI."""
+
+from __future__ import annotations
+
+import difflib
+import json
+
+from harness.ledger import Experiment
+from sandbox.sandbox import safe_text
+
+DIFF_CONTEXT = 3
+
+
+def sources_of(experiment: Experiment | None, root_sources: dict[str, str]) -> dict[str, str]:
+    if experiment is None or not experiment.sources_json:
+        return dict(root_sources)
+    return json.loads(experiment.sources_json)
+
+
+def unified_diff(old: dict[str, str], new: dict[str, str], old_label: str, new_label: str) -> str:
+    """A unified diff over every source file of two workspace states (added and removed files included)."""
+    chunks = []
+    for path in sorted(set(old) | set(new)):
+        a, b = old.get(path), new.get(path)
+        if a == b:
+            continue
+        lines = difflib.unified_diff(
+            (a or "").splitlines(keepends=True), (b or "").splitlines(keepends=True),
+            fromfile=f"{old_label}/{path}" if a is not None else "/dev/null",
+            tofile=f"{new_label}/{path}" if b is not None else "/dev/null", n=DIFF_CONTEXT,
+        )
+        chunks.append("".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines))
+    return safe_text("".join(chunks).encode())
+
+
+def metric_text(value: float | None) -> str:
+    return f"{value:.6f}" if value is not None else "-"
+
+
+def one_line(e: Experiment) -> str:
+    parent = f"#{e.parent_id}" if e.parent_id else "base"
+    gap = f" gap {e.floor_gap:.4f}" if e.floor_gap is not None else ""
+    return (f"#{e.id} (from {parent}) {e.status:8s} val_bpb {metric_text(e.metric)}{gap} "
+            f"{e.seconds or 0:.0f}s  {safe_text(' '.join(e.description.split()).encode())[:120]}")
+
+
+def experiment_list(experiments: list[Experiment], limit: int) -> str:
+    shown = experiments[-limit:]
+    if not shown:
+        return "no experiments yet"
+    header = f"{len(experiments)} experiments" + (f", the latest {len(shown)}:" if len(shown) < len(experiments) else ":")
+    return "\n".join([header, *(one_line(e) for e in shown)])
+
+
+def experiment_detail(e: Experiment, max_diff_chars: int = 6000) -> str:
+    lines = [one_line(e), f"snapshot: {e.snapshot or '-'}"]
+    if e.memory_bytes:
+        lines.append(f"peak memory: {e.memory_bytes / 1024**3:.2f} GB; training {e.train_seconds or 0:.1f} s")
+    if e.tokens_in or e.tokens_out:
+        lines.append(f"agent tokens: {e.tokens_in} in / {e.tokens_out} out, ${e.cost_usd:.4f}")
+    diff = e.diff or ""
+    lines.append("diff against its parent:" if diff else "diff against its parent: (none)")
+    if diff:
+        lines.append(diff if len(diff) <= max_diff_chars else diff[:max_diff_chars] + "\n[... diff truncated ...]")
+    if e.log_tail and e.status in ("crash", "timeout"):
+        lines += ["log tail:", e.log_tail]
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""The live view of a session: rich on a terminal, one log line per event elsewhere."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from harness.history import metric_text
+from harness.ledger import Experiment
+from harness.session import Progress
+
+log = structlog.get_logger(__name__)
+RECENT_ROWS = 8
+STATUS_STYLE = {"keep": "green", "discard": "yellow", "crash": "red", "timeout": "red"}
+
+
+class LiveView(Progress):
+    """experiment n/max, phase and its elapsed/allowed time, best so far, gap to floor, rate, tokens, cost."""
+
+    def __init__(self, console: Console, max_experiments: int | None, floor_bpb: float | None = None):
+        self.console = console
+        self.max_experiments = max_experiments
+        self.floor_bpb = floor_bpb
+        self.started = time.monotonic()
+        self.current: tuple[int, str] | None = None
+        self.phase_name, self.phase_started, self.phase_seconds = "starting", time.monotonic(), None
+        self.finished: list[Experiment] = []
+        self.best: Experiment | None = None
+        self.tokens_in = self.tokens_out = self.tool_calls = 0
+        self.cost = 0.0
+        self.live = Live(console=console, refresh_per_second=2, get_renderable=self.render, transient=False) \
+            if console.is_terminal else None
+
+    def __enter__(self) -> LiveView:
+        if self.live:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.live.stop()
+
+    # -- Progress ----------------------------------------------------------------------------------
+    def phase(self, name: str, seconds: float | None = None) -> None:
+        self.phase_name, self.phase_started, self.phase_seconds = name, time.monotonic(), seconds
+
+    def experiment_started(self, experiment_id: int, description: str) -> None:
+        self.current = (experiment_id, description)
+
+    def experiment_finished(self, experiment: Experiment) -> None:
+        self.current = None
+        self.phase("agent")
+        self.finished.append(experiment)
+        if experiment.status == "keep" and experiment.metric is not None and (
+                self.best is None or experiment.metric < (self.best.metric or float("inf"))):
+            self.best = experiment
+        if not self.live:
+            self.console.print(self._line(experiment), highlight=False)
+
+    def tool_call(self, name: str, is_error: bool) -> None:
+        self.tool_calls += 1
+        if name != "run_experiment":
+            self.phase(f"agent: {name}")
+
+    def usage(self, tokens_in: int, tokens_out: int, cost_usd: float) -> None:
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+        self.cost += cost_usd
+
+    # -- rendering ---------------------------------------------------------------------------------
+    def _line(self, e: Experiment) -> str:
+        gap = f" (gap {e.floor_gap:.4f})" if e.floor_gap is not None else ""
+        return f"#{e.id:<4} {e.status:8} val_bpb {metric_text(e.metric)}{gap}  {e.seconds or 0:5.1f}s  {e.description[:70]}"
+
+    def render(self):
+        elapsed = time.monotonic() - self.started
+        done = len(self.finished)
+        rate = done / elapsed * 3600 if elapsed > 0 and done else 0.0
+        header = Table.grid(padding=(0, 2))
+        header.add_column(style="bold")
+        header.add_column()
+        counter = f"{done}" + (f" / {self.max_experiments}" if self.max_experiments else "")
+        if self.current:
+            counter += f"   running #{self.current[0]}: {self.current[1][:60]}"
+        header.add_row("experiments", counter)
+        phase = f"{self.phase_name}  {time.monotonic() - self.phase_started:.0f}s"
+        if self.phase_seconds:
+            phase += f" / {self.phase_seconds:.0f}s"
+        header.add_row("now", phase)
+        best = "-"
+        if self.best:
+            best = f"#{self.best.id}  val_bpb {metric_text(self.best.metric)}"
+            if self.best.floor_gap is not None:
+                best += f"  (gap to floor {self.best.floor_gap:.4f})"
+        header.add_row("best", best)
+        header.add_row("elapsed", f"{elapsed / 60:.1f} min, {rate:.1f} experiments/hour")
+        header.add_row("agent", f"{self.tool_calls} tool calls, {self.tokens_in:,} tokens in / {self.tokens_out:,} out, "
+                                f"${self.cost:.4f}")
+        recent = Table(box=None, padding=(0, 1))
+        for column in ("#", "status", "val_bpb", "gap", "s", "description"):
+            recent.add_column(column)
+        for e in self.finished[-RECENT_ROWS:]:
+            recent.add_row(str(e.id), f"[{STATUS_STYLE.get(e.status, '')}]{e.status}[/]", metric_text(e.metric),
+                           f"{e.floor_gap:.4f}" if e.floor_gap is not None else "-", f"{e.seconds or 0:.0f}",
+                           e.description[:60])
+        return Panel(Group(header, recent), title="labrat run", border_style="blue")
+
+
+def results_table(experiments: list[Experiment], title: str = "experiments") -> Table:
+    """The table `labrat run` prints at the end and `labrat log` shows."""
+    table = Table(title=title)
+    for column in ("#", "parent", "status", "val_bpb", "gap", "memory GB", "seconds", "tokens", "cost $", "description"):
+        table.add_column(column, justify="right" if column not in ("status", "description") else "left")
+    for e in experiments:
+        table.add_row(
+            str(e.id), str(e.parent_id or "-"), f"[{STATUS_STYLE.get(e.status, '')}]{e.status}[/]", metric_text(e.metric),
+            f"{e.floor_gap:.4f}" if e.floor_gap is not None else "-",
+            f"{e.memory_bytes / 1024**3:.2f}" if e.memory_bytes else "-", f"{e.seconds or 0:.1f}",
+            f"{e.tokens_in + e.tokens_out:,}" if e.tokens_in or e.tokens_out else "-",
+            f"{e.cost_usd:.4f}" if e.cost_usd else "-", e.description[:80],
+        )
+    return table

@@ -1,0 +1,174 @@
+"""One experiment's training and protected evaluation, each in a fresh container.
+
+Training runs the candidate snapshot's `train.py` as the agent's user, with the training split
+mounted read-only and the host's clock killing it at budget + grace. Evaluation runs in a fresh
+container of the *sandbox image* (not the snapshot): its trainer/evaluate.py is the pristine
+root-owned copy and nothing the agent planted in the workspace or home (sitecustomize, .pth
+files, a patched evaluator) exists there. The checkpoint (model source + weights) is the only
+thing that crosses from the agent's world; the driver runs as root with the held-out tokens in a
+root-only file and runs the model as the agent's user, which cannot read them. The metric is the
+driver's result file, never anything the agent's code printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import secrets
+import tarfile
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import structlog
+from pydantic import BaseModel
+
+from harness.config import LabConfig
+from harness.data import PreparedData
+from sandbox.errors import SandboxError
+from sandbox.policy import SandboxPolicy
+from sandbox.sandbox import Sandbox, safe_text
+from sandbox.snapshots import Snapshot, SnapshotStore
+
+log = structlog.get_logger(__name__)
+
+TRAIN_DATA = "/data"  # where the training split is mounted, read-only
+EVAL_DIR = "/tmp/eval"  # root-owned, mode 711 in the evaluation container: the model may open ckpt.pt only
+EVAL_SEQ_LEN = {"cpu-tiny": 128, "gpu": 2048}  # fixed per size class, so results stay comparable
+CHECKPOINT_LIMIT = 4 * 1024**3
+LOG_TAIL_LINES = 40
+LOG_TAIL_CHARS = 4000
+
+Phase = Callable[[str, float | None], None]  # progress: (phase name, seconds allowed or None)
+
+
+class TrainingResult(BaseModel):
+    status: Literal["ok", "crash", "timeout"]
+    reason: str | None = None  # one line, for crash/timeout
+    log_tail: str
+    seconds: float  # host-clock wall time of the training exec
+    peak_memory_bytes: int | None
+    summary: dict | None = None  # the training's own summary.json (untrusted, informational)
+    checkpoint: bytes | None = None
+
+
+class EvaluationResult(BaseModel):
+    ok: bool
+    reason: str | None = None
+    metric: float | None = None
+    floor_gap: float | None = None
+    result: dict | None = None
+    seconds: float
+
+
+def tail(text: str, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])[-chars:]
+
+
+class Runner:
+    """Trains and evaluates snapshots under one lab's configuration."""
+
+    def __init__(self, config: LabConfig, image: str, data: PreparedData, store: SnapshotStore, session_id: str):
+        self.config = config
+        self.image = image
+        self.data = data
+        self.store = store
+        self.session_id = session_id
+        self.work_policy = SandboxPolicy(
+            image=image, runtime=config.runtime, gpus=config.gpus, memory_bytes=int(config.memory_gb * 1024**3),
+            cpus=config.cpus, ro_mounts={TRAIN_DATA: str(data.train_dir)},
+        )
+        # The driver needs SETUID/SETGID to run the model as the agent's user and KILL to stop it; the
+        # agent's code never runs as root here. /tmp holds the checkpoint and the held-out tokens.
+        self.eval_policy = self.work_policy.model_copy(update={
+            "ro_mounts": {}, "cap_add": ("SETUID", "SETGID", "KILL"), "kill_leftovers": False,
+            "tmp_bytes": max(self.work_policy.tmp_bytes, 2 * 1024**3),
+        })
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.config.gpus else "cpu"
+
+    def train_command(self, out_dir: str) -> list[str]:
+        cmd = ["python", "-m", "trainer.train", "--config", self.config.trainer_config, "--data", TRAIN_DATA,
+               "--out", out_dir, "--device", self.device, "--seed", str(self.config.seed)]
+        if self.config.deterministic_steps:
+            cmd += ["--deterministic", "--steps", str(self.config.deterministic_steps)]
+        else:
+            cmd += ["--time-budget", f"{self.config.time_budget:g}"]
+        return cmd
+
+    # -- training ----------------------------------------------------------------------------------
+    def train(self, snapshot: Snapshot, phase: Phase = lambda name, seconds: None) -> TrainingResult:
+        out_dir = f"/workspace/.labrat-run-{secrets.token_hex(4)}"  # fresh: an old ckpt.pt can never be picked up
+        limit = self.config.time_budget + self.config.grace
+        started = time.monotonic()
+        with self.store.restore(snapshot, self.work_policy, session=self.session_id, role="train") as box:
+            phase("training", limit)
+            run = box.exec(self.train_command(out_dir), timeout=limit)
+            seconds = time.monotonic() - started
+            log_text = run.stdout + ("\n" + run.stderr if run.stderr.strip() else "")
+            peak = box.peak_memory_bytes()
+            base = dict(log_tail=tail(log_text), seconds=round(seconds, 3), peak_memory_bytes=peak)
+            if run.limit == "timeout":
+                return TrainingResult(status="timeout", reason=f"training ran past {limit:g} s (budget + grace) and was killed", **base)
+            if run.limit in ("memory", "died", "disk"):
+                why = {"memory": f"out of memory at the {self.config.memory_gb:g} GB limit",
+                       "died": "the training container stopped unexpectedly",
+                       "disk": "training wrote past the disk limit"}[run.limit]
+                return TrainingResult(status="crash", reason=why, **base)
+            if run.exit_code != 0:
+                last = tail(run.stderr or run.stdout, lines=1) or f"exit code {run.exit_code}"
+                return TrainingResult(status="crash", reason=f"training failed (exit {run.exit_code}): {last}", **base)
+            try:
+                checkpoint = box.read_file(f"{out_dir}/ckpt.pt", max_bytes=CHECKPOINT_LIMIT)
+            except SandboxError as exc:
+                return TrainingResult(status="crash", reason=f"training wrote no usable checkpoint: {exc}", **base)
+            summary = None
+            with contextlib.suppress(SandboxError, ValueError):
+                summary = json.loads(box.read_text(f"{out_dir}/summary.json", max_bytes=1 << 20))
+                summary = summary if isinstance(summary, dict) else None
+        return TrainingResult(status="ok", checkpoint=checkpoint, summary=summary, **base)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def evaluate(self, checkpoint: bytes, phase: Phase = lambda name, seconds: None) -> EvaluationResult:
+        started = time.monotonic()
+        files = {"ckpt.pt": (checkpoint, 0o644), **{n: (d, 0o600) for n, d in self.data.eval_files(self.config.eval_tokens).items()}}
+        seq_len = EVAL_SEQ_LEN[self.config.trainer_config]
+        evaluate = ["python", "-m", "trainer.evaluate", "--checkpoint", f"{EVAL_DIR}/ckpt.pt", "--data", EVAL_DIR,
+                    "--out", f"{EVAL_DIR}/result.json", "--eval-tokens", str(self.config.eval_tokens),
+                    "--seq-len", str(seq_len), "--device", self.device, "--worker-user", self.work_policy.user]
+        with Sandbox.start(self.eval_policy, session=self.session_id, role="eval") as box:
+            phase("evaluating", self.config.eval_timeout)
+            unpack = box.exec(f"mkdir -m 711 {EVAL_DIR} && tar -x -f - -C {EVAL_DIR}",
+                              input=_tar(files), user="root", timeout=120)
+            if not unpack.ok:
+                raise SandboxError(f"could not copy the checkpoint into the evaluation container: {unpack.stderr.strip()}")
+            run = box.exec(evaluate, user="root", timeout=self.config.eval_timeout)
+            seconds = round(time.monotonic() - started, 3)
+            if run.limit:
+                reason = {"timeout": f"evaluation ran past {self.config.eval_timeout:g} s"}.get(
+                    run.limit, f"evaluation stopped: {run.limit}")
+                return EvaluationResult(ok=False, reason=reason, seconds=seconds)
+            read = box.exec(["cat", f"{EVAL_DIR}/result.json"], user="root", timeout=30)
+        try:
+            result = json.loads(read.stdout)
+        except ValueError:
+            last = tail(run.stderr, lines=1) or f"exit code {run.exit_code}"
+            return EvaluationResult(ok=False, reason=f"evaluation failed: {safe_text(last.encode())}", seconds=seconds)
+        if "val_bpb" not in result:
+            return EvaluationResult(ok=False, reason=str(result.get("error", "no metric")), result=result, seconds=seconds)
+        return EvaluationResult(ok=True, metric=result["val_bpb"], floor_gap=result.get("gap_bpb"), result=result,
+                                seconds=seconds)
+
+
+def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
+    """A tar of root-owned files with the given modes (extracted by root, ownership and modes are kept)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, (data, mode) in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.uid, info.gid, info.mtime = len(data), mode, 0, 0, int(time.time())
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

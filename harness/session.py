@@ -1,0 +1,366 @@
+"""A research session: the working container, the experiment loop's bookkeeping, resume.
+
+The working container always runs the session's *base* (the last kept experiment, or the sandbox
+image at the start of a lab). The agent edits it; `run_experiment` snapshots it as the candidate,
+trains and evaluates the candidate in fresh containers (harness/runner.py), writes the ledger row
+in one transaction, and then replaces the working container with a fresh one of the new base:
+the candidate if it was kept, the old base otherwise.
+
+A harness killed at any point leaves the ledger consistent: the experiment it was running is
+marked `crash` at the next start, containers of the dead process are reaped, and the session
+resumes from its base (which only ever moves inside the transaction that records a keep).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from harness import history
+from harness.config import ConfigError, LabConfig
+from harness.data import ensure_data
+from harness.lab import LEDGER_FILE
+from harness.ledger import Experiment, Ledger
+from harness.runner import Runner
+from sandbox.engine import reap_orphans
+from sandbox.errors import EngineUnavailable, SandboxError
+from sandbox.images import build_image
+from sandbox.sandbox import Sandbox, safe_text
+from sandbox.snapshots import SnapshotStore
+
+log = structlog.get_logger(__name__)
+
+LOCK_FILE = ".labrat.lock"
+RESULTS_FILE = "results.tsv"
+WORKSPACE = "/workspace"
+TRAIN_FILE = "trainer/train.py"
+SOURCE_LIMIT = 256 * 1024  # per file kept in the ledger for diffs
+SOURCE_FILES_LIMIT = 50  # changed files read per experiment
+IGNORED_PARTS = ("__pycache__", ".labrat-run-", ".cache", ".ipynb_checkpoints")
+
+
+class LabBusy(ConfigError):
+    """Another labrat process holds this lab."""
+
+
+class Progress:
+    """What the session reports while it works; the CLI's live view overrides these."""
+
+    def phase(self, name: str, seconds: float | None = None) -> None: ...
+    def experiment_started(self, experiment_id: int, description: str) -> None: ...
+    def experiment_finished(self, experiment: Experiment) -> None: ...
+    def tool_call(self, name: str, is_error: bool) -> None: ...
+    def usage(self, tokens_in: int, tokens_out: int, cost_usd: float) -> None: ...
+
+
+class Session:
+    """Open with `with Session(...) as session:`; the agent works through `Toolbox(session)`."""
+
+    def __init__(self, lab: Path, config: LabConfig, agent: str, model: str | None = None,
+                 progress: Progress | None = None, new_session: bool = False,
+                 status: Callable[[str], None] = lambda line: None):
+        self.lab = Path(lab)
+        self.config = config
+        self.agent = agent
+        self.model = model
+        self.progress = progress or Progress()
+        self.new_session = new_session
+        self.status = status
+        self.box: Sandbox | None = None
+        self.started = time.monotonic()
+        self.experiments_run = 0  # by this process
+        self.calls_since_experiment = 0
+        self.pending_usage = [0, 0, 0.0]  # agent tokens in/out and cost since the last experiment
+        self.stop: str | None = None
+        self._lock_fd: int | None = None
+
+    # -- opening and closing -----------------------------------------------------------------------
+    def __enter__(self) -> Session:
+        try:
+            self._open()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _open(self) -> None:
+        self._lock()
+        self.ledger = Ledger(self.lab / LEDGER_FILE)
+        self.lab_id = self.ledger.meta("lab_id") or self._new_lab_id()
+        reap_orphans()
+        if crashed := self.ledger.recover_interrupted():
+            log.warning("session.recovered", crashed=crashed)
+        self.status("building the sandbox image (first run only)")
+        self.image = build_image(gpu=bool(self.config.gpus), progress=self.status)
+        self.data = ensure_data(self.lab, self.config, progress=self.status)
+        self.store = SnapshotStore()
+        last = self.ledger.last_session()
+        if last and last.resumable and not self.new_session:
+            self.session = self.ledger.reopen_session(last.id)
+            self.resumed = True
+            log.info("session.resumed", session=last.id, base=self.session.base_experiment_id)
+        else:
+            if last and last.ended_at is None:
+                self.ledger.end_session(last.id, "superseded by a new session", resumable=False)
+            best = self.ledger.best()
+            session_id = f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+            self.session = self.ledger.start_session(
+                session_id, self.agent, self.model, self.config.model_dump(),
+                base_experiment_id=best.id if best else None)
+            self.resumed = False
+            log.info("session.started", session=session_id, base=best.id if best else None)
+        self.runner = Runner(self.config, self.image, self.data, self.store, self.session_id)
+        self.replace_working_box()
+        if self.session.root_sources_json is None:
+            sources = self._read_sources({}) if self.session.base_experiment_id is None else self.sources(
+                self.session.base_experiment_id)
+            with self.ledger.transaction() as db:
+                db.execute("UPDATE sessions SET root_sources_json = ? WHERE id = ?", (json.dumps(sources), self.session_id))
+            self.session = self.ledger.session(self.session_id)
+
+    def _new_lab_id(self) -> str:
+        lab_id = f"lab{secrets.token_hex(4)}"
+        self.ledger.set_meta("lab_id", lab_id)
+        return lab_id
+
+    def _lock(self) -> None:
+        self.lab.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lab / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise LabBusy(f"another labrat process (pid {holder}) is running in {self.lab}; wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def close(self, reason: str, resumable: bool) -> None:
+        with contextlib.suppress(Exception):
+            if self.box:
+                self.box.close()
+        if hasattr(self, "session"):
+            self.ledger.recover_interrupted(f"harness stopped during the experiment: {reason}")
+            self.ledger.end_session(self.session_id, reason, resumable=resumable)
+            self.ledger.record_event(self.session_id, "session_end", reason=reason, resumable=resumable)
+        if hasattr(self, "ledger"):
+            self.ledger.close()
+        self._release()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close(self.stop or "finished", resumable=False)
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("interrupted", resumable=True)
+        else:
+            self.close(f"error: {safe_text(str(exc).encode())[:200]}", resumable=True)
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def session_id(self) -> str:
+        return self.session.id
+
+    @property
+    def base_id(self) -> int | None:
+        return self.ledger.session(self.session_id).base_experiment_id
+
+    @property
+    def base(self) -> Experiment | None:
+        base_id = self.base_id
+        return self.ledger.experiment(base_id) if base_id else None
+
+    def sources(self, experiment_id: int) -> dict[str, str]:
+        """{path: text} of an experiment's workspace sources; 0 is the session's starting point."""
+        if experiment_id == 0:
+            return json.loads(self.session.root_sources_json or "{}")
+        try:
+            experiment = self.ledger.experiment(experiment_id)
+        except KeyError:
+            from harness.tools import ToolError
+
+            raise ToolError(f"no experiment #{experiment_id}") from None
+        return history.sources_of(experiment, json.loads(self.session.root_sources_json or "{}"))
+
+    def session_experiments(self) -> list[Experiment]:
+        return self.ledger.experiments(self.session_id)
+
+    def stop_reason(self) -> str | None:
+        """Why the session must stop now, or None."""
+        if self.stop:
+            return self.stop
+        done = len([e for e in self.session_experiments() if e.status != "running"])
+        if self.config.max_experiments is not None and done >= self.config.max_experiments:
+            self.stop = f"max_experiments ({self.config.max_experiments}) reached"
+        elif self.config.max_hours is not None and time.monotonic() - self.started >= self.config.max_hours * 3600:
+            self.stop = f"max_hours ({self.config.max_hours:g}) reached"
+        return self.stop
+
+    def tool_budget_refusal(self) -> str | None:
+        self.calls_since_experiment += 1
+        if self.calls_since_experiment > 2 * self.config.max_tool_calls:
+            self.stop = f"the agent made {self.calls_since_experiment} tool calls without running an experiment"
+        if self.calls_since_experiment > self.config.max_tool_calls:
+            return (f"tool-call limit reached: {self.config.max_tool_calls} calls since the last experiment; "
+                    "call run_experiment now")
+        return None
+
+    def add_usage(self, tokens_in: int, tokens_out: int, cost_usd: float) -> None:
+        self.pending_usage[0] += tokens_in
+        self.pending_usage[1] += tokens_out
+        self.pending_usage[2] += cost_usd
+        self.progress.usage(tokens_in, tokens_out, cost_usd)
+
+    def record_tool_call(self, name: str, tool_input: dict, result, seconds: float) -> None:
+        running = self.ledger.db.execute(
+            "SELECT id FROM experiments WHERE session_id = ? AND status = 'running'", (self.session_id,)).fetchone()
+        self.ledger.record_tool_call(self.session_id, running["id"] if running else None, name, tool_input,
+                                     result.text, result.is_error, seconds)
+        self.progress.tool_call(name, result.is_error)
+
+    # -- the working container ---------------------------------------------------------------------
+    def replace_working_box(self) -> None:
+        """A fresh working container of the session's base (the sandbox image before any keep)."""
+        if self.box:
+            self.box.close()
+            self.box = None
+        base = self.base
+        if base is None:
+            self.box = Sandbox.start(self.runner.work_policy, session=self.session_id, role="work")
+        else:
+            self.box = self.store.restore(base.snapshot, self.runner.work_policy, session=self.session_id, role="work")
+
+    def box_is_dead(self) -> bool:
+        return self.box is None or self.box._dead_reason is not None
+
+    def _read_sources(self, parent: dict[str, str]) -> dict[str, str]:
+        """The parent's sources updated with every file the agent added, changed or deleted in /workspace."""
+        sources = dict(parent)
+        if not parent:
+            sources[TRAIN_FILE] = self.box.read_text(TRAIN_FILE)
+        changes = self.box.changes(under=WORKSPACE)
+        read = 0
+        for path, kind in sorted(changes.items()):
+            rel = path[len(WORKSPACE) + 1:]
+            if any(part in rel for part in IGNORED_PARTS):
+                continue
+            if kind == "deleted":
+                sources.pop(rel, None)
+                continue
+            if read >= SOURCE_FILES_LIMIT:
+                sources.setdefault("(labrat)", f"more than {SOURCE_FILES_LIMIT} files changed; the rest are not recorded\n")
+                break
+            try:
+                data = self.box.read_file(rel, max_bytes=SOURCE_LIMIT)
+            except SandboxError as exc:
+                if "is a directory" in str(exc):
+                    continue
+                sources[rel] = f"<not recorded: {safe_text(str(exc).encode())[:200]}>\n"
+                continue
+            read += 1
+            if b"\x00" in data:
+                sources[rel] = f"<binary file, {len(data)} bytes>\n"
+            else:
+                sources[rel] = data.decode("utf-8", errors="replace")
+        return sources
+
+    # -- one experiment ----------------------------------------------------------------------------
+    def run_experiment(self, description: str) -> Experiment:
+        description = " ".join(safe_text(description.encode()).split())[:500]
+        base = self.base
+        parent_sources = self.sources(base.id) if base else json.loads(self.session.root_sources_json or "{}")
+        experiment_id = self.ledger.begin_experiment(self.session_id, base.id if base else None, description)
+        tokens_in, tokens_out, cost = self.pending_usage
+        self.pending_usage = [0, 0, 0.0]
+        self.calls_since_experiment = 0
+        self.progress.experiment_started(experiment_id, description)
+        log.info("experiment.started", id=experiment_id, parent=base.id if base else None, description=description)
+        started = time.monotonic()
+        fields: dict = dict(tokens_in=tokens_in, tokens_out=tokens_out, cost_usd=cost)
+        try:
+            self.progress.phase("snapshot")
+            sources = self._read_sources(parent_sources)
+            fields.update(sources_json=json.dumps(sources),
+                          diff=history.unified_diff(parent_sources, sources, f"#{base.id}" if base else "base",
+                                                    f"#{experiment_id}"))
+            snapshot = self.store.snapshot(self.box, name=f"{self.lab_id}-e{experiment_id:05d}", labels={
+                "lab": self.lab_id, "session": self.session_id, "experiment": str(experiment_id),
+                "parent": str(base.id if base else ""), "trainer_config": self.config.trainer_config,
+                "seed": str(self.config.seed), "data_sha256": self.data.meta.get("train_sha256", ""),
+            })
+            fields.update(snapshot=snapshot.name, snapshot_image_id=snapshot.image_id)
+            status, fields = self._train_and_evaluate(snapshot, base, fields)
+        except SandboxError as exc:
+            status = "crash"
+            fields["log_tail"] = f"labrat: {exc}"
+            self._finish(experiment_id, status, started, fields)
+            if isinstance(exc, EngineUnavailable):
+                raise
+            with contextlib.suppress(SandboxError):
+                self.replace_working_box()
+            return self.ledger.experiment(experiment_id)
+        except BaseException:
+            self._finish(experiment_id, "crash", started, {**fields, "log_tail": "labrat: interrupted"})
+            raise
+        experiment = self._finish(experiment_id, status, started, fields)
+        self.replace_working_box()
+        return experiment
+
+    def _train_and_evaluate(self, snapshot, base: Experiment | None, fields: dict) -> tuple[str, dict]:
+        trained = self.runner.train(snapshot, phase=self.progress.phase)
+        fields.update(train_seconds=trained.seconds, memory_bytes=trained.peak_memory_bytes,
+                      log_tail=trained.log_tail, summary_json=json.dumps(trained.summary) if trained.summary else None)
+        if trained.status != "ok":
+            fields["log_tail"] = f"{trained.reason}\n{trained.log_tail}"
+            return trained.status, fields
+        evaluated = self.runner.evaluate(trained.checkpoint, phase=self.progress.phase)
+        fields["eval_json"] = json.dumps(evaluated.result) if evaluated.result else None
+        if not evaluated.ok:
+            fields["log_tail"] = f"evaluation: {evaluated.reason}\n{trained.log_tail}"
+            return "crash", fields
+        fields.update(metric=evaluated.metric, floor_gap=evaluated.floor_gap)
+        return ("keep" if self.is_improvement(evaluated.metric, base) else "discard"), fields
+
+    def is_improvement(self, metric: float, base: Experiment | None) -> bool:
+        if base is None or base.metric is None:
+            return True  # the first result of a lab is its baseline
+        margin = self.config.min_improvement if self.config.keep_rule == "better_by" else 0.0
+        return metric < base.metric - margin
+
+    def _finish(self, experiment_id: int, status: str, started: float, fields: dict) -> Experiment:
+        experiment = self.ledger.finish_experiment(experiment_id, status, seconds=round(time.monotonic() - started, 3),
+                                                   **fields)
+        self.experiments_run += 1
+        (self.lab / RESULTS_FILE).write_text(self.ledger.results_tsv())
+        log.info("experiment.finished", id=experiment_id, status=status, metric=experiment.metric,
+                 seconds=experiment.seconds)
+        self.progress.experiment_finished(experiment)
+        return experiment
+
+    def describe_outcome(self, e: Experiment) -> str:
+        """What the agent is told about an experiment it ran."""
+        base = self.base
+        best = f"#{base.id} at val_bpb {base.metric:.6f}" if base and base.metric is not None else "none yet"
+        if e.status in ("crash", "timeout"):
+            return (f"experiment #{e.id}: {e.status}. {safe_text((e.log_tail or '').encode())[-2500:]}\n"
+                    f"The workspace was reset to the best version ({best}).")
+        gap = f", gap to the data's entropy floor {e.floor_gap:.4f}" if e.floor_gap is not None else ""
+        memory = f", peak memory {e.memory_bytes / 1024**3:.2f} GB" if e.memory_bytes else ""
+        verdict = ("kept: it is the new best; the workspace now holds it" if e.status == "keep"
+                   else f"discarded (not better than {best}); the workspace was reset to it")
+        return (f"experiment #{e.id}: val_bpb {e.metric:.6f}{gap}; training {e.train_seconds or 0:.1f} s{memory}. "
+                f"{verdict}.")

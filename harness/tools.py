@@ -1,0 +1,298 @@
+"""The agent's tools: Anthropic tool-use schemas, pydantic-validated inputs, and their execution.
+
+Every tool that touches code runs in the session's working container through `sandbox`; history
+tools read the ledger. A bad call never raises out of `Toolbox.call`: it returns a short, precise
+error that the agent can act on, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from harness import history
+from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxClosed, SandboxError
+from sandbox.sandbox import safe_text
+
+if TYPE_CHECKING:
+    from harness.session import Session
+
+log = structlog.get_logger(__name__)
+
+MODEL_OUTPUT_CHARS = 12_000  # what one tool result may put into the model's context (head and tail kept)
+BASH_DEFAULT_TIMEOUT = 120.0
+BASH_MAX_TIMEOUT = 600.0
+EDITOR_MAX_FILE_BYTES = 1024 * 1024
+
+
+class ToolResult(BaseModel):
+    text: str
+    is_error: bool = False
+
+
+class ToolError(Exception):
+    """A refused or failed tool call; the message goes to the agent as the tool result."""
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=1_000_000)
+
+
+class BashInput(_Input):
+    command: str = Field(min_length=1, description="A bash script, run in /workspace as the unprivileged user.")
+    timeout: float | None = Field(None, gt=0, le=BASH_MAX_TIMEOUT, description="Seconds before it is killed (default 120).")
+
+
+class EditorInput(_Input):
+    command: Literal["view", "create", "str_replace", "insert", "undo_edit"]
+    path: str = Field(min_length=1, description="A path in /workspace (absolute, or relative to /workspace).")
+    file_text: str | None = Field(None, description="create: the whole content of the file.")
+    old_str: str | None = Field(None, description="str_replace: text that occurs exactly once in the file.")
+    new_str: str | None = Field(None, description="str_replace: the replacement; insert: the text to insert.")
+    insert_line: int | None = Field(None, ge=0, description="insert: the line number after which to insert (0 = top).")
+    insert_text: str | None = Field(None, description="insert: alias of new_str.")
+    view_range: list[int] | None = Field(None, min_length=2, max_length=2, description="view: [first, last] line, last -1 = end.")
+
+
+class RunExperimentInput(_Input):
+    description: str = Field(min_length=1, max_length=500, description="One line: the change and the hypothesis.")
+
+
+class ListExperimentsInput(_Input):
+    limit: int = Field(20, ge=1, le=200)
+
+
+class ShowExperimentInput(_Input):
+    id: int = Field(ge=1)
+
+
+class DiffInput(_Input):
+    a: int = Field(ge=0, description="An experiment id (0 = the session's starting point).")
+    b: int = Field(ge=0, description="An experiment id (0 = the session's starting point).")
+
+
+TOOLS: dict[str, tuple[type[_Input], str]] = {
+    "bash": (BashInput, "Run a bash command in the sandbox (no network; /workspace holds trainer/; the training split "
+                        "is read-only at /data). Output is truncated; processes do not outlive the call."),
+    "str_replace_based_edit_tool": (EditorInput, "View and edit files in /workspace: view, create, str_replace "
+                                                 "(old_str must be unique), insert, undo_edit."),
+    "run_experiment": (RunExperimentInput, "Train the current trainer/train.py for the fixed budget and evaluate it "
+                                           "on held-out data. Kept if better, else the workspace returns to the best "
+                                           "version. Returns the measured val_bpb."),
+    "list_experiments": (ListExperimentsInput, "The latest experiments of this lab with status and val_bpb."),
+    "show_experiment": (ShowExperimentInput, "One experiment: metric, status, its diff against its parent, crash log."),
+    "diff": (DiffInput, "Unified diff of the source files between two experiments."),
+}
+
+
+def tool_specs() -> list[dict]:
+    """The tools in the Anthropic Messages API format."""
+    specs = []
+    for name, (model, description) in TOOLS.items():
+        schema = model.model_json_schema()
+        schema.pop("title", None)
+        for prop in schema.get("properties", {}).values():
+            prop.pop("title", None)
+        specs.append({"name": name, "description": description, "input_schema": schema})
+    return specs
+
+
+def clip(text: str, limit: int = MODEL_OUTPUT_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
+
+
+def _validation_message(name: str, exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error["loc"]) or "input"
+        problems.append(f"{where}: {error['msg']}")
+    return f"invalid input for {name}: " + "; ".join(problems)
+
+
+class Toolbox:
+    """Executes tool calls for one session; every call is recorded in the ledger."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.undo: dict[str, list[str | None]] = {}  # path -> previous contents (None: did not exist)
+
+    def call(self, name: str, raw_input: object) -> ToolResult:
+        started = time.monotonic()
+        result = self._dispatch(name, raw_input)
+        result = ToolResult(text=clip(result.text), is_error=result.is_error)
+        self.session.record_tool_call(name, raw_input if isinstance(raw_input, dict) else {"raw": raw_input},
+                                      result, time.monotonic() - started)
+        return result
+
+    def _dispatch(self, name: str, raw_input: object) -> ToolResult:
+        if name not in TOOLS:
+            return ToolResult(text=f"unknown tool {str(name)[:80]!r}; the tools are: {', '.join(TOOLS)}", is_error=True)
+        if not isinstance(raw_input, dict):
+            return ToolResult(text=f"invalid input for {name}: expected a JSON object, got {type(raw_input).__name__}",
+                              is_error=True)
+        model, _ = TOOLS[name]
+        try:
+            args = model.model_validate(raw_input)
+        except ValidationError as exc:
+            return ToolResult(text=_validation_message(name, exc), is_error=True)
+        if name != "run_experiment" and (refusal := self.session.tool_budget_refusal()):
+            return ToolResult(text=refusal, is_error=True)
+        try:
+            return getattr(self, f"_{name}")(args)
+        except ToolError as exc:
+            return ToolResult(text=str(exc), is_error=True)
+        except (PathRefused, FileMissing, FileTooLarge) as exc:
+            return ToolResult(text=str(exc), is_error=True)
+        except SandboxClosed:
+            self.session.replace_working_box()
+            return ToolResult(text="the sandbox stopped (a limit killed it); it was restored to the session's base "
+                                   "and your uncommitted edits are gone", is_error=True)
+
+    # -- bash ----------------------------------------------------------------------------------------
+    def _bash(self, args: BashInput) -> ToolResult:
+        timeout = args.timeout or BASH_DEFAULT_TIMEOUT
+        run = self.session.box.exec(args.command, timeout=timeout)
+        if run.limit == "died" or run.limit == "memory" and self.session.box_is_dead():
+            self.session.replace_working_box()
+            return ToolResult(text=f"{run.stderr.strip()}\n[labrat: the sandbox was restored to the session's base; "
+                                   "uncommitted edits are gone]", is_error=True)
+        parts = []
+        if run.stdout:
+            parts.append(run.stdout.rstrip("\n"))
+        if run.stderr:
+            parts.append("[stderr]\n" + run.stderr.rstrip("\n"))
+        parts.append(f"[exit code {run.exit_code if run.exit_code is not None else 'none'}, {run.duration:.1f} s]")
+        return ToolResult(text="\n".join(parts), is_error=run.exit_code != 0 or run.limit is not None)
+
+    # -- the text editor (Anthropic's str_replace_based_edit_tool conventions) -----------------------
+    def _str_replace_based_edit_tool(self, args: EditorInput) -> ToolResult:
+        return getattr(self, f"_edit_{args.command}")(args)
+
+    def _read(self, path: str) -> str:
+        data = self.session.box.read_file(path, max_bytes=EDITOR_MAX_FILE_BYTES)
+        if b"\x00" in data:
+            raise ToolError(f"{path} is a binary file; the editor only handles text")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ToolError(f"{path} is not UTF-8 text; the editor only handles text") from None
+
+    def _current(self, path: str) -> str | None:
+        try:
+            return self._read(path)
+        except FileMissing:
+            return None
+
+    def _write(self, path: str, text: str) -> None:
+        previous = self._current(path)
+        self.session.box.write_file(path, text)
+        self.undo.setdefault(path, []).append(previous)
+
+    def _edit_view(self, args: EditorInput) -> ToolResult:
+        try:
+            text = self._read(args.path)
+        except PathRefused as exc:
+            if "is a directory" not in str(exc):
+                raise
+            entries = self.session.box.list_dir(args.path, max_entries=500)
+            return ToolResult(text="\n".join(f"{e.name}{'/' if e.kind == 'dir' else ''}\t{e.size}" for e in entries)
+                              or "(empty directory)")
+        lines = text.splitlines()
+        first, last = 1, len(lines)
+        if args.view_range:
+            first, last = args.view_range
+            last = len(lines) if last == -1 else last
+            if not 1 <= first <= max(len(lines), 1) or last < first or last > len(lines):
+                raise ToolError(f"view_range {args.view_range} is outside the file's {len(lines)} lines")
+        numbered = "\n".join(f"{n:6}\t{lines[n - 1]}" for n in range(first, last + 1))
+        return ToolResult(text=safe_text(numbered.encode()) or "(empty file)")
+
+    def _edit_create(self, args: EditorInput) -> ToolResult:
+        if args.file_text is None:
+            raise ToolError("create needs file_text")
+        self._write(args.path, args.file_text)
+        return ToolResult(text=f"wrote {args.path} ({len(args.file_text.encode())} bytes)")
+
+    def _edit_str_replace(self, args: EditorInput) -> ToolResult:
+        if not args.old_str:
+            raise ToolError("str_replace needs a non-empty old_str")
+        text = self._read(args.path)
+        count = text.count(args.old_str)
+        if count == 0:
+            raise ToolError(f"no replacement was performed: old_str did not appear verbatim in {args.path}")
+        if count > 1:
+            starts = [i for i in range(len(text)) if text.startswith(args.old_str, i)]
+            line_numbers = [text.count("\n", 0, i) + 1 for i in starts][:10]
+            raise ToolError(f"no replacement was performed: old_str occurs {count} times (lines {line_numbers}); "
+                            "include more context to make it unique")
+        new_text = text.replace(args.old_str, args.new_str or "")
+        self._write(args.path, new_text)
+        line = text[: text.index(args.old_str)].count("\n") + 1
+        snippet_lines = new_text.splitlines()[max(0, line - 4): line + 4 + (args.new_str or "").count("\n")]
+        snippet = "\n".join(f"{max(1, line - 3) + i:6}\t{s}" for i, s in enumerate(snippet_lines))
+        return ToolResult(text=f"edited {args.path}; the changed region now reads:\n{safe_text(snippet.encode())}")
+
+    def _edit_insert(self, args: EditorInput) -> ToolResult:
+        new = args.new_str if args.new_str is not None else args.insert_text
+        if new is None or args.insert_line is None:
+            raise ToolError("insert needs insert_line and new_str (or insert_text)")
+        text = self._read(args.path)
+        lines = text.splitlines(keepends=True)
+        if args.insert_line > len(lines):
+            raise ToolError(f"insert_line {args.insert_line} is past the end of the file ({len(lines)} lines)")
+        if lines and not lines[-1].endswith("\n") and args.insert_line == len(lines):
+            lines[-1] += "\n"
+        lines.insert(args.insert_line, new if new.endswith("\n") else new + "\n")
+        self._write(args.path, "".join(lines))
+        return ToolResult(text=f"inserted {new.count(chr(10)) + 1} line(s) after line {args.insert_line} of {args.path}")
+
+    def _edit_undo_edit(self, args: EditorInput) -> ToolResult:
+        stack = self.undo.get(args.path)
+        if not stack:
+            raise ToolError(f"no edit of {args.path} to undo (edits are undoable until the next experiment)")
+        previous = stack.pop()
+        if previous is None:
+            self.session.box.delete_file(args.path)
+            return ToolResult(text=f"undone: {args.path} did not exist before, it was removed")
+        self.session.box.write_file(args.path, previous)
+        return ToolResult(text=f"undone: {args.path} is back to its previous content")
+
+    # -- experiments and history ----------------------------------------------------------------------
+    def _run_experiment(self, args: RunExperimentInput) -> ToolResult:
+        self.undo.clear()  # the workspace is replaced after every experiment
+        experiment = self.session.run_experiment(args.description)
+        return ToolResult(text=self.session.describe_outcome(experiment), is_error=experiment.status in ("crash", "timeout"))
+
+    def _list_experiments(self, args: ListExperimentsInput) -> ToolResult:
+        return ToolResult(text=history.experiment_list(self.session.ledger.experiments(), args.limit))
+
+    def _show_experiment(self, args: ShowExperimentInput) -> ToolResult:
+        try:
+            experiment = self.session.ledger.experiment(args.id)
+        except KeyError:
+            raise ToolError(f"no experiment #{args.id}") from None
+        return ToolResult(text=history.experiment_detail(experiment))
+
+    def _diff(self, args: DiffInput) -> ToolResult:
+        old, new = self.session.sources(args.a), self.session.sources(args.b)
+        text = history.unified_diff(old, new, f"#{args.a}", f"#{args.b}")
+        return ToolResult(text=text or f"#{args.a} and #{args.b} have the same sources")
+
+
+def describe_input(raw_input: object) -> str:
+    """A short one-line rendering of a tool input for logs and the live view."""
+    try:
+        text = json.dumps(raw_input, default=str)
+    except (TypeError, ValueError):
+        text = repr(raw_input)
+    return safe_text(text.encode())[:160]
+
+
+__all__ = ["TOOLS", "ToolResult", "Toolbox", "tool_specs", "SandboxError"]
