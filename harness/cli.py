@@ -21,8 +21,9 @@ from sandbox.sandbox import interrupt_on_sigterm
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Run ML research agents in hardened, snapshotted containers.")
 image_app = typer.Typer(no_args_is_help=True, help="Build the sandbox images (offline).")
 app.add_typer(image_app, name="image")
-console = Console(stderr=True)
-out = Console()
+# Off a terminal (CI logs, pipes), rich would wrap at 80 columns; diffs and tables read better unwrapped.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 200)
 
 
 @contextlib.contextmanager
@@ -112,6 +113,111 @@ def run(
     if failure:
         console.print(f"[bold red]labrat: error:[/] {failure} (state saved: `labrat run` resumes)", highlight=False)
         raise typer.Exit(3)
+
+
+def _open_ledger(lab: Path):
+    from harness.lab import LEDGER_FILE
+    from harness.ledger import Ledger
+
+    if not (lab / LEDGER_FILE).exists():
+        raise ConfigError(f"{lab} is not a lab (no {LEDGER_FILE}): run `labrat init {lab}` or pass --lab")
+    return Ledger(lab / LEDGER_FILE)
+
+
+def _experiment(ledger, experiment_id: int):
+    try:
+        return ledger.experiment(experiment_id)
+    except KeyError:
+        raise ConfigError(f"no experiment #{experiment_id} in this lab (see `labrat log`)") from None
+
+
+LabOption = Annotated[Path, typer.Option("--lab", help="The lab directory.")]
+
+
+@app.command()
+def status(lab: LabOption = Path(".")) -> None:
+    """The lab at a glance: sessions, experiments by status, the best result, what is running."""
+    from collections import Counter
+
+    ledger = _open_ledger(lab)
+    experiments = ledger.experiments()
+    session = ledger.last_session()
+    best = ledger.best()
+    counts = Counter(e.status for e in experiments)
+    out.print(f"lab: {lab.resolve()}")
+    if session is None:
+        out.print("no session yet: `labrat run` starts one")
+        return
+    state = ("running or killed" if session.ended_at is None else
+             f"ended ({session.stop_reason})" + ("; `labrat run` resumes it" if session.resumable else ""))
+    out.print(f"last session: {session.id}, {session.agent} agent, {state}", highlight=False)
+    out.print(f"experiments: {len(experiments)} (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")",
+              highlight=False)
+    if best:
+        gap = f", gap to floor {best.floor_gap:.4f}" if best.floor_gap is not None else ""
+        out.print(f"best: #{best.id} val_bpb {best.metric:.6f}{gap}: {best.description}", highlight=False)
+    running = [e for e in experiments if e.status == "running"]
+    if running:
+        out.print(f"running: #{running[-1].id} {running[-1].description}", highlight=False)
+    tokens = sum(e.tokens_in + e.tokens_out for e in experiments)
+    if tokens:
+        out.print(f"agent: {tokens:,} tokens, ${sum(e.cost_usd for e in experiments):.4f}", highlight=False)
+
+
+@app.command("log")
+def log_command(
+    lab: LabOption = Path("."),
+    limit: Annotated[int, typer.Option(help="Show the latest N experiments.")] = 50,
+    tsv: Annotated[bool, typer.Option("--tsv", help="Print results.tsv (autoresearch's columns) instead.")] = False,
+) -> None:
+    """The experiments of the lab, latest last."""
+    from harness.progress import results_table
+
+    ledger = _open_ledger(lab)
+    if tsv:
+        out.print(ledger.results_tsv(), end="", highlight=False, markup=False)
+        return
+    experiments = ledger.experiments()
+    out.print(results_table(experiments[-limit:], title=f"{len(experiments)} experiments"))
+
+
+@app.command()
+def show(
+    experiment_id: Annotated[int, typer.Argument(metavar="ID", help="Experiment id.")],
+    lab: LabOption = Path("."),
+) -> None:
+    """One experiment: status, metric, snapshot, tokens, its diff against its parent, the log tail."""
+    from harness.history import experiment_detail
+
+    e = _experiment(_open_ledger(lab), experiment_id)
+    out.print(experiment_detail(e, max_diff_chars=200_000), highlight=False, markup=False)
+    if e.log_tail and e.status not in ("crash", "timeout"):
+        out.print("log tail:\n" + e.log_tail, highlight=False, markup=False)
+
+
+@app.command()
+def diff(
+    a: Annotated[int, typer.Argument(help="Experiment id (0: the first session's starting point).")],
+    b: Annotated[int, typer.Argument(help="Experiment id.")],
+    lab: LabOption = Path("."),
+) -> None:
+    """Unified diff of the workspace sources between two experiments."""
+    import json
+
+    from harness.history import sources_of, unified_diff
+
+    ledger = _open_ledger(lab)
+    sessions = {s.id: s for s in ledger.sessions()}
+
+    def sources(experiment_id: int) -> dict[str, str]:
+        if experiment_id == 0:
+            first = next(iter(sessions.values()), None)
+            return json.loads(first.root_sources_json or "{}") if first else {}
+        e = _experiment(ledger, experiment_id)
+        return sources_of(e, json.loads(sessions[e.session_id].root_sources_json or "{}"))
+
+    text = unified_diff(sources(a), sources(b), f"#{a}", f"#{b}")
+    out.print(text or f"#{a} and #{b} have the same sources", end="" if text else "\n", highlight=False, markup=False)
 
 
 @app.command()

@@ -283,5 +283,6 @@ class Ledger:
             metric = f"{e.metric:.6f}" if e.metric is not None else "0.000000"
             memory = f"{(e.memory_bytes or 0) / 1024**3:.1f}"
             description = " ".join(e.description.split())
-            lines.append(f"{(e.snapshot or f'exp{e.id}')[:12]}\t{metric}\t{memory}\t{e.status}\t{description}")
+            commit = (e.snapshot_image_id or "").removeprefix("sha256:")[:12] or f"exp{e.id}"  # the snapshot's content id
+            lines.append(f"{commit}\t{metric}\t{memory}\t{e.status}\t{description}")
         return "\n".join(lines) + "\n"

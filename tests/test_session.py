@@ -1,0 +1,182 @@
+"""`labrat run` end to end on the real engine: the offline agent, keep/discard, the ledger, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.ledger import Ledger
+from sandbox.engine import LABEL_OWNER_PID, client
+from sandbox.snapshots import SnapshotStore
+
+LABRAT = str(Path(sys.executable).parent / "labrat")
+# Deterministic steps: every configuration's metric is bit-identical on every run, so the offline
+# agent's seeded search takes the same path each time and the keep/discard outcomes are reproducible.
+TINY_LAB = """
+deterministic_steps = 30
+time_budget = 20
+grace = 60
+eval_tokens = 4096
+max_experiments = {n}
+"""
+
+
+def make_lab(path: Path, n: int) -> Path:
+    path.mkdir()
+    (path / "labrat.toml").write_text(TINY_LAB.format(n=n))
+    return path
+
+
+def labrat(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([LABRAT, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "LABRAT_LOG_LEVEL": "warning"})
+
+
+@pytest.fixture
+def cleanup_snapshots():
+    labs: list[Path] = []
+    yield labs
+    for lab in labs:
+        if (lab / "ledger.db").exists():
+            ledger = Ledger(lab / "ledger.db")
+            lab_id = ledger.meta("lab_id")
+            ledger.close()
+            if lab_id:
+                SnapshotStore().gc(keep=[], name_prefix=lab_id)
+
+
+def containers_of(pid: int):
+    return client().containers.list(all=True, filters={"label": f"{LABEL_OWNER_PID}={pid}"})
+
+
+def test_offline_session_keeps_and_discards(tmp_path, cleanup_snapshots):
+    lab = make_lab(tmp_path / "lab", n=5)
+    cleanup_snapshots.append(lab)
+    run = labrat("run", "--lab", str(lab))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "max_experiments (5) reached" in run.stdout
+
+    ledger = Ledger(lab / "ledger.db")
+    experiments = ledger.experiments()
+    assert [e.status for e in experiments].count("running") == 0
+    assert len(experiments) == 5
+    statuses = [e.status for e in experiments]
+    assert statuses[0] == "keep" and experiments[0].parent_id is None  # the baseline
+    assert "keep" in statuses[1:] and "discard" in statuses[1:], statuses
+    # Keep/discard follow the measured metric: a keep beats its parent, a discard does not.
+    by_id = {e.id: e for e in experiments}
+    for e in experiments[1:]:
+        parent = by_id[e.parent_id]
+        assert (e.metric < parent.metric) == (e.status == "keep")
+        # The metric is the protected evaluation's number, recorded verbatim.
+        assert json.loads(e.eval_json)["val_bpb"] == e.metric and json.loads(e.eval_json)["causal"]
+        assert e.diff and "trainer/train.py" in e.diff and e.description.split(":")[0] in e.diff
+    # After a discard the next experiment starts from the same base (the workspace was reset).
+    for before, after in zip(experiments, experiments[1:]):
+        expected_parent = before.id if before.status == "keep" else before.parent_id
+        assert after.parent_id == expected_parent
+    # Every experiment has a restorable snapshot whose train.py is the one it trained.
+    store = SnapshotStore()
+    last = experiments[-1]
+    with store.restore(last.snapshot, session=f"pytest{os.getpid()}") as box:
+        assert box.read_text("trainer/train.py") == json.loads(last.sources_json)["trainer/train.py"]
+    assert store.get(last.snapshot).labels["experiment"] == str(last.id)
+
+    tsv = (lab / "results.tsv").read_text().splitlines()
+    assert tsv[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription" and len(tsv) == 6
+    log_lines = [json.loads(line) for line in (lab / "logs" / "labrat.log").read_text().splitlines()]
+    assert sum(1 for line in log_lines if line["event"] == "experiment.finished") == 5
+    assert not client().containers.list(all=True, filters={"label": f"labrat.session={ledger.last_session().id}"})
+
+    # The CLI views read the same ledger.
+    best = ledger.best()
+    status = labrat("status", "--lab", str(lab))
+    assert f"best: #{best.id} val_bpb {best.metric:.6f}" in status.stdout
+    shown = labrat("show", str(experiments[1].id), "--lab", str(lab))
+    assert experiments[1].description in shown.stdout and "+++ #" in shown.stdout
+    diff = labrat("diff", str(experiments[0].id), str(best.id), "--lab", str(lab))
+    assert diff.returncode == 0 and (best.id == experiments[0].id or "@@" in diff.stdout)
+    missing = labrat("show", "999", "--lab", str(lab))
+    assert missing.returncode == 2 and "no experiment #999" in missing.stderr and "Traceback" not in missing.stderr
+    ledger.close()
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_the_harness_is_killed_mid_training(tmp_path, cleanup_snapshots):
+    lab = make_lab(tmp_path / "lab", n=3)
+    cleanup_snapshots.append(lab)
+    proc = subprocess.Popen([LABRAT, "run", "--lab", str(lab)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "LABRAT_LOG_LEVEL": "warning"})
+    try:
+        # Kill it while the second experiment's training container runs (the first is complete by then).
+        def training_second():
+            roles = [c.labels.get("labrat.role") for c in containers_of(proc.pid)]
+            if "train" not in roles or not (lab / "ledger.db").exists():
+                return False
+            db = sqlite3.connect(lab / "ledger.db")
+            done = db.execute("SELECT count(*) FROM experiments WHERE status != 'running'").fetchone()[0]
+            db.close()
+            return done >= 1
+
+        _wait_for(training_second, 600, "the second experiment's training")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert containers_of(proc.pid), "the killed harness should have left its containers behind"
+    db = Ledger(lab / "ledger.db")
+    killed_session = db.last_session()
+    running = [e for e in db.experiments() if e.status == "running"]
+    completed = [e for e in db.experiments() if e.status != "running"]
+    db.close()
+    assert len(running) == 1 and killed_session.ended_at is None
+
+    again = labrat("run", "--lab", str(lab))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed" in again.stderr
+    assert not containers_of(proc.pid), "orphaned containers must be reaped on resume"
+    ledger = Ledger(lab / "ledger.db")
+    experiments = ledger.experiments()
+    assert ledger.last_session().id == killed_session.id and len(ledger.sessions()) == 1
+    assert all(e.status != "running" for e in experiments)
+    interrupted = ledger.experiment(running[0].id)
+    assert interrupted.status == "crash" and "harness stopped" in interrupted.log_tail
+    for e in completed:  # nothing that had finished was lost or changed
+        assert ledger.experiment(e.id) == e
+    assert len(experiments) == 3  # max_experiments counts the crashed one
+    ledger.close()
+
+
+def test_a_second_run_in_the_same_lab_is_refused(tmp_path):
+    from harness.session import LOCK_FILE
+
+    import fcntl
+
+    lab = make_lab(tmp_path / "lab", n=1)
+    with open(lab / LOCK_FILE, "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.write("12345")
+        holder.flush()
+        refused = labrat("run", "--lab", str(lab), timeout=120)
+    assert refused.returncode == 2
+    assert "another labrat process (pid 12345)" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_bad_command_line_value_names_the_option(tmp_path):
+    lab = make_lab(tmp_path / "lab", n=1)
+    bad = labrat("run", "--lab", str(lab), "--budget", "-3", timeout=120)
+    assert bad.returncode == 2 and "--time-budget" in bad.stderr and "greater than 0" in bad.stderr
+    assert "Traceback" not in bad.stderr
