@@ -18,7 +18,13 @@ from typing import Literal
 from pydantic import BaseModel
 
 Status = Literal["running", "keep", "discard", "crash", "timeout"]
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added after version 1: a ledger made by an older labrat gets them on open (ALTER TABLE ADD COLUMN).
+ADDED_COLUMNS = {
+    "sessions": ["resumable INTEGER NOT NULL DEFAULT 1", "base_experiment_id INTEGER REFERENCES experiments(id)",
+                 "root_sources_json TEXT"],
+    "experiments": ["eval_json TEXT", "sources_json TEXT", "train_seconds REAL", "timings_json TEXT"],
+}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -54,6 +60,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     eval_json TEXT,
     sources_json TEXT,
     train_seconds REAL,
+    timings_json TEXT,
     started_at TEXT NOT NULL,
     finished_at TEXT
 );
@@ -103,7 +110,8 @@ class Experiment(BaseModel):
     summary_json: str | None = None  # training's own summary.json (informational: written by the agent's code)
     eval_json: str | None = None  # the protected evaluation's result
     sources_json: str | None = None  # {path: text} of the workspace's source files at this experiment
-    train_seconds: float | None = None  # wall-clock seconds of the training container, host clock
+    train_seconds: float | None = None  # wall-clock seconds of the training process, host clock
+    timings_json: str | None = None  # {phase: seconds}: snapshot, train_start, train, copy_out, eval_start, eval, ...
     started_at: str
     finished_at: str | None = None
 
@@ -137,7 +145,12 @@ class Ledger:
             for statement in SCHEMA.split(";"):  # executescript() would commit our open transaction
                 if statement.strip():
                     self.db.execute(statement)
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            for table, columns in ADDED_COLUMNS.items():
+                present = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                for column in columns:
+                    if column.split()[0] not in present:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -19,6 +19,7 @@ import secrets
 import tarfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import structlog
@@ -28,7 +29,7 @@ from harness.config import LabConfig
 from harness.data import PreparedData
 from sandbox.errors import SandboxError
 from sandbox.policy import SandboxPolicy
-from sandbox.sandbox import Sandbox, safe_text
+from sandbox.sandbox import Sandbox
 from sandbox.snapshots import Snapshot, SnapshotStore
 
 log = structlog.get_logger(__name__)
@@ -60,6 +61,16 @@ class EvaluationResult(BaseModel):
     floor_gap: float | None = None
     result: dict | None = None
     seconds: float
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str):
+    """Add the block's wall-clock seconds to timings[name] (the per-phase breakdown in the ledger)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - started, 4)
 
 
 def tail(text: str, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
@@ -100,14 +111,23 @@ class Runner:
         return cmd
 
     # -- training ----------------------------------------------------------------------------------
-    def train(self, snapshot: Snapshot, phase: Phase = lambda name, seconds: None) -> TrainingResult:
+    def train(self, snapshot: Snapshot, phase: Phase = lambda name, seconds: None,
+              timings: dict[str, float] | None = None, on_start: Callable[[], None] = lambda: None) -> TrainingResult:
+        """Train in a fresh container of the snapshot; `on_start` runs once that container is up (the
+        caller starts work that can overlap training then, not earlier: the engine starts containers
+        one at a time)."""
         out_dir = f"/workspace/.labrat-run-{secrets.token_hex(4)}"  # fresh: an old ckpt.pt can never be picked up
         limit = self.config.time_budget + self.config.grace
-        started = time.monotonic()
-        with self.store.restore(snapshot, self.work_policy, session=self.session_id, role="train") as box:
+        timings = {} if timings is None else timings
+        with timed(timings, "train_start"):
+            box = self.store.restore(snapshot, self.work_policy, session=self.session_id, role="train")
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(box.close_later)
             phase("training", limit)
-            run = box.exec(self.train_command(out_dir), timeout=limit)
-            seconds = time.monotonic() - started
+            on_start()
+            with timed(timings, "train"):
+                run = box.exec(self.train_command(out_dir), timeout=limit)
+            seconds = run.duration
             log_text = run.stdout + ("\n" + run.stderr if run.stderr.strip() else "")
             peak = box.peak_memory_bytes()
             base = dict(log_tail=tail(log_text), seconds=round(seconds, 3), peak_memory_bytes=peak)
@@ -121,42 +141,53 @@ class Runner:
             if run.exit_code != 0:
                 last = tail(run.stderr or run.stdout, lines=1) or f"exit code {run.exit_code}"
                 return TrainingResult(status="crash", reason=f"training failed (exit {run.exit_code}): {last}", **base)
-            try:
-                checkpoint = box.read_file(f"{out_dir}/ckpt.pt", max_bytes=CHECKPOINT_LIMIT)
-            except SandboxError as exc:
-                return TrainingResult(status="crash", reason=f"training wrote no usable checkpoint: {exc}", **base)
-            summary = None
-            with contextlib.suppress(SandboxError, ValueError):
-                summary = json.loads(box.read_text(f"{out_dir}/summary.json", max_bytes=1 << 20))
-                summary = summary if isinstance(summary, dict) else None
+            with timed(timings, "copy_out"), ThreadPoolExecutor(1) as pool:
+                summary_read = pool.submit(box.read_text, f"{out_dir}/summary.json", 1 << 20)
+                try:
+                    checkpoint = box.read_file(f"{out_dir}/ckpt.pt", max_bytes=CHECKPOINT_LIMIT)
+                except SandboxError as exc:
+                    return TrainingResult(status="crash", reason=f"training wrote no usable checkpoint: {exc}", **base)
+                summary = None
+                with contextlib.suppress(SandboxError, ValueError):
+                    summary = json.loads(summary_read.result())
+                    summary = summary if isinstance(summary, dict) else None
         return TrainingResult(status="ok", checkpoint=checkpoint, summary=summary, **base)
 
     # -- evaluation --------------------------------------------------------------------------------
-    def evaluate(self, checkpoint: bytes, phase: Phase = lambda name, seconds: None) -> EvaluationResult:
-        started = time.monotonic()
+    def start_eval_box(self) -> Sandbox:
+        """A fresh container of the sandbox image for one evaluation (started early, while training runs)."""
+        return Sandbox.start(self.eval_policy, session=self.session_id, role="eval")
+
+    def evaluate(self, checkpoint: bytes, phase: Phase = lambda name, seconds: None,
+                 timings: dict[str, float] | None = None, box: Sandbox | None = None) -> EvaluationResult:
+        timings = {} if timings is None else timings
         files = {"ckpt.pt": (checkpoint, 0o644), **{n: (d, 0o600) for n, d in self.data.eval_files(self.config.eval_tokens).items()}}
         seq_len = EVAL_SEQ_LEN[self.config.trainer_config]
-        evaluate = ["python", "-m", "trainer.evaluate", "--checkpoint", f"{EVAL_DIR}/ckpt.pt", "--data", EVAL_DIR,
-                    "--out", f"{EVAL_DIR}/result.json", "--eval-tokens", str(self.config.eval_tokens),
-                    "--seq-len", str(seq_len), "--device", self.device, "--worker-user", self.work_policy.user]
-        with Sandbox.start(self.eval_policy, session=self.session_id, role="eval") as box:
-            phase("evaluating", self.config.eval_timeout)
-            unpack = box.exec(f"mkdir -m 711 {EVAL_DIR} && tar -x -f - -C {EVAL_DIR}",
-                              input=_tar(files), user="root", timeout=120)
-            if not unpack.ok:
-                raise SandboxError(f"could not copy the checkpoint into the evaluation container: {unpack.stderr.strip()}")
-            run = box.exec(evaluate, user="root", timeout=self.config.eval_timeout)
-            seconds = round(time.monotonic() - started, 3)
-            if run.limit:
-                reason = {"timeout": f"evaluation ran past {self.config.eval_timeout:g} s"}.get(
-                    run.limit, f"evaluation stopped: {run.limit}")
-                return EvaluationResult(ok=False, reason=reason, seconds=seconds)
-            read = box.exec(["cat", f"{EVAL_DIR}/result.json"], user="root", timeout=30)
+        # One exec: unpack the files root-only (the model may open ckpt.pt, nothing else), then run the
+        # driver. Its stdout ends with the result line; the worker's output goes to the driver's pipes only.
+        script = (f"mkdir -m 711 {EVAL_DIR} && tar -x -f - -C {EVAL_DIR} && exec python -m trainer.evaluate "
+                  f"--checkpoint {EVAL_DIR}/ckpt.pt --data {EVAL_DIR} --eval-tokens {self.config.eval_tokens} "
+                  f"--seq-len {seq_len} --device {self.device} --worker-user {self.work_policy.user}")
+        if box is None:
+            with timed(timings, "eval_start"):
+                box = self.start_eval_box()
         try:
-            result = json.loads(read.stdout)
-        except ValueError:
+            phase("evaluating", self.config.eval_timeout)
+            with timed(timings, "eval"):
+                run = box.exec(script, input=_tar(files), user="root", timeout=self.config.eval_timeout)
+        finally:
+            box.close_later()
+        seconds = round(run.duration, 3)
+        if run.limit:
+            reason = {"timeout": f"evaluation ran past {self.config.eval_timeout:g} s"}.get(
+                run.limit, f"evaluation stopped: {run.limit}")
+            return EvaluationResult(ok=False, reason=reason, seconds=seconds)
+        try:
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            assert isinstance(result, dict)
+        except (ValueError, IndexError, AssertionError):
             last = tail(run.stderr, lines=1) or f"exit code {run.exit_code}"
-            return EvaluationResult(ok=False, reason=f"evaluation failed: {safe_text(last.encode())}", seconds=seconds)
+            return EvaluationResult(ok=False, reason=f"evaluation failed: {last}", seconds=seconds)
         if "val_bpb" not in result:
             return EvaluationResult(ok=False, reason=str(result.get("error", "no metric")), result=result, seconds=seconds)
         return EvaluationResult(ok=True, metric=result["val_bpb"], floor_gap=result.get("gap_bpb"), result=result,

@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -30,7 +32,7 @@ from harness.config import ConfigError, LabConfig
 from harness.data import ensure_data
 from harness.lab import LEDGER_FILE
 from harness.ledger import Experiment, Ledger
-from harness.runner import Runner
+from harness.runner import Runner, timed
 from sandbox.engine import reap_orphans
 from sandbox.errors import EngineUnavailable, SandboxError
 from sandbox.images import build_image
@@ -42,7 +44,6 @@ log = structlog.get_logger(__name__)
 LOCK_FILE = ".labrat.lock"
 RESULTS_FILE = "results.tsv"
 WORKSPACE = "/workspace"
-TRAIN_FILE = "trainer/train.py"
 SOURCE_LIMIT = 256 * 1024  # per file kept in the ledger for diffs
 SOURCE_FILES_LIMIT = 50  # changed files read per experiment
 IGNORED_PARTS = ("__pycache__", ".labrat-run-", ".cache", ".ipynb_checkpoints")
@@ -60,6 +61,29 @@ class Progress:
     def experiment_finished(self, experiment: Experiment) -> None: ...
     def tool_call(self, name: str, is_error: bool) -> None: ...
     def usage(self, tokens_in: int, tokens_out: int, cost_usd: float) -> None: ...
+
+
+class _Standby:
+    """Containers started ahead of need on threads; the ones not taken are removed on exit."""
+
+    def __init__(self):
+        self.futures: dict[str, Future] = {}
+
+    def add(self, name: str, future: Future) -> None:
+        self.futures[name] = future
+
+    def take(self, name: str) -> Sandbox | None:
+        """The started container, or None if it was never requested."""
+        future = self.futures.pop(name, None)
+        return future.result() if future else None
+
+    def __enter__(self) -> _Standby:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for future in self.futures.values():
+            future.add_done_callback(lambda f: f.exception() is None and f.result().close_later())
+        self.futures.clear()
 
 
 class Session:
@@ -238,48 +262,50 @@ class Session:
         if self.box:
             self.box.close()
             self.box = None
-        base = self.base
-        if base is None:
-            self.box = Sandbox.start(self.runner.work_policy, session=self.session_id, role="work")
-        else:
-            self.box = self.store.restore(base.snapshot, self.runner.work_policy, session=self.session_id, role="work")
+        self.box = self._start_box_of(self.base)
+
+    def _start_box_of(self, experiment: Experiment | None) -> Sandbox:
+        """A working container of an experiment's snapshot, or of the sandbox image for None."""
+        if experiment is None:
+            return Sandbox.start(self.runner.work_policy, session=self.session_id, role="work")
+        return self.store.restore(experiment.snapshot, self.runner.work_policy, session=self.session_id, role="work")
 
     def box_is_dead(self) -> bool:
         return self.box is None or self.box._dead_reason is not None
 
     def _read_sources(self, parent: dict[str, str]) -> dict[str, str]:
-        """The parent's sources updated with every file the agent added, changed or deleted in /workspace."""
-        sources = dict(parent)
-        if not parent:
-            sources[TRAIN_FILE] = self.box.read_text(TRAIN_FILE)
-        changes = self.box.changes(under=WORKSPACE)
+        """{path: text} of every source file in /workspace: the parent's text where the content hash is
+        unchanged, read from the container otherwise (one manifest exec plus one read per changed file)."""
+        parent_hashes = {path: hashlib.sha256(text.encode()).hexdigest() for path, text in parent.items()}
+        sources: dict[str, str] = {}
         read = 0
-        for path, kind in sorted(changes.items()):
-            rel = path[len(WORKSPACE) + 1:]
+        for entry in self.box.manifest("."):
+            rel, size, digest = entry["path"], entry["size"], entry["sha256"]
             if any(part in rel for part in IGNORED_PARTS):
                 continue
-            if kind == "deleted":
-                sources.pop(rel, None)
-                continue
-            if read >= SOURCE_FILES_LIMIT:
-                sources.setdefault("(labrat)", f"more than {SOURCE_FILES_LIMIT} files changed; the rest are not recorded\n")
-                break
-            try:
-                data = self.box.read_file(rel, max_bytes=SOURCE_LIMIT)
-            except SandboxError as exc:
-                if "is a directory" in str(exc):
-                    continue
-                sources[rel] = f"<not recorded: {safe_text(str(exc).encode())[:200]}>\n"
-                continue
-            read += 1
-            if b"\x00" in data:
-                sources[rel] = f"<binary file, {len(data)} bytes>\n"
+            if digest is not None and parent_hashes.get(rel) == digest:
+                sources[rel] = parent[rel]
+            elif digest is None or size > SOURCE_LIMIT:
+                sources[rel] = f"<not recorded: {size} bytes>\n"
+            elif read >= SOURCE_FILES_LIMIT:
+                sources[rel] = f"<not recorded: more than {SOURCE_FILES_LIMIT} files changed>\n"
             else:
-                sources[rel] = data.decode("utf-8", errors="replace")
+                read += 1
+                try:
+                    data = self.box.read_file(rel, max_bytes=SOURCE_LIMIT)
+                except SandboxError as exc:  # replaced by a symlink or a directory since the manifest
+                    sources[rel] = f"<not recorded: {safe_text(str(exc).encode())[:200]}>\n"
+                    continue
+                sources[rel] = f"<binary file, {len(data)} bytes>\n" if b"\x00" in data else data.decode("utf-8", "replace")
         return sources
 
     # -- one experiment ----------------------------------------------------------------------------
     def run_experiment(self, description: str) -> Experiment:
+        """Snapshot the working container, train and evaluate the candidate, record it, reset the workspace.
+
+        What does not depend on training (reading the sources for the diff, starting the evaluation
+        container and both possible next working containers) runs on threads while training runs, so
+        the harness adds little to each experiment's wall time (bench/session.py measures it)."""
         description = " ".join(safe_text(description.encode()).split())[:500]
         base = self.base
         parent_sources = self.sources(base.id) if base else json.loads(self.session.root_sources_json or "{}")
@@ -291,43 +317,67 @@ class Session:
         log.info("experiment.started", id=experiment_id, parent=base.id if base else None, description=description)
         started = time.monotonic()
         fields: dict = dict(tokens_in=tokens_in, tokens_out=tokens_out, cost_usd=cost)
-        try:
-            self.progress.phase("snapshot")
-            sources = self._read_sources(parent_sources)
-            fields.update(sources_json=json.dumps(sources),
-                          diff=history.unified_diff(parent_sources, sources, f"#{base.id}" if base else "base",
-                                                    f"#{experiment_id}"))
-            snapshot = self.store.snapshot(self.box, name=f"{self.lab_id}-e{experiment_id:05d}", labels={
-                "lab": self.lab_id, "session": self.session_id, "experiment": str(experiment_id),
-                "parent": str(base.id if base else ""), "trainer_config": self.config.trainer_config,
-                "seed": str(self.config.seed), "data_sha256": self.data.meta.get("train_sha256", ""),
-            })
-            fields.update(snapshot=snapshot.name, snapshot_image_id=snapshot.image_id)
-            status, fields = self._train_and_evaluate(snapshot, base, fields)
-        except SandboxError as exc:
-            status = "crash"
-            fields["log_tail"] = f"labrat: {exc}"
-            self._finish(experiment_id, status, started, fields)
-            if isinstance(exc, EngineUnavailable):
+        timings: dict[str, float] = {}
+        self._timings = timings
+        with ThreadPoolExecutor(4, thread_name_prefix="experiment") as pool, _Standby() as standby:
+            try:
+                self.progress.phase("snapshot")
+                with timed(timings, "snapshot"):
+                    snapshot = self.store.snapshot(self.box, name=f"{self.lab_id}-e{experiment_id:05d}", labels={
+                        "lab": self.lab_id, "session": self.session_id, "experiment": str(experiment_id),
+                        "parent": str(base.id if base else ""), "trainer_config": self.config.trainer_config,
+                        "seed": str(self.config.seed), "data_sha256": self.data.meta.get("train_sha256", ""),
+                    })
+                fields.update(snapshot=snapshot.name, snapshot_image_id=snapshot.image_id)
+                sources = pool.submit(self._read_sources, parent_sources)
+
+                def while_training() -> None:
+                    standby.add("eval", pool.submit(self.runner.start_eval_box))
+                    standby.add("keep", pool.submit(self.store.restore, snapshot, self.runner.work_policy,
+                                                    session=self.session_id, role="work"))
+                    standby.add("discard", pool.submit(self._start_box_of, base))
+
+                status, fields = self._train_and_evaluate(snapshot, base, fields, timings, standby, while_training)
+                with timed(timings, "sources_wait"):
+                    fields.update(sources_json=json.dumps(sources.result()),
+                                  diff=history.unified_diff(parent_sources, sources.result(),
+                                                            f"#{base.id}" if base else "base", f"#{experiment_id}"))
+            except SandboxError as exc:
+                self._finish(experiment_id, "crash", started, {**fields, "log_tail": f"labrat: {exc}"})
+                if isinstance(exc, EngineUnavailable):
+                    raise
+                with contextlib.suppress(SandboxError):
+                    self.replace_working_box()
+                return self.ledger.experiment(experiment_id)
+            except BaseException:
+                self._finish(experiment_id, "crash", started, {**fields, "log_tail": "labrat: interrupted"})
                 raise
-            with contextlib.suppress(SandboxError):
-                self.replace_working_box()
-            return self.ledger.experiment(experiment_id)
-        except BaseException:
-            self._finish(experiment_id, "crash", started, {**fields, "log_tail": "labrat: interrupted"})
-            raise
-        experiment = self._finish(experiment_id, status, started, fields)
-        self.replace_working_box()
+            experiment = self._finish(experiment_id, status, started, fields)
+            with timed(timings, "reset"):
+                try:
+                    next_box = standby.take("keep" if status == "keep" else "discard")
+                except SandboxError:
+                    next_box = None
+                if next_box is None:
+                    self.replace_working_box()
+                else:
+                    self.box.close_later()
+                    self.box = next_box
+        self.last_timings = timings  # the reset happens after the row is written; benchmarks read it here
         return experiment
 
-    def _train_and_evaluate(self, snapshot, base: Experiment | None, fields: dict) -> tuple[str, dict]:
-        trained = self.runner.train(snapshot, phase=self.progress.phase)
+    def _train_and_evaluate(self, snapshot, base: Experiment | None, fields: dict,
+                            timings: dict[str, float], standby: _Standby,
+                            while_training: Callable[[], None]) -> tuple[str, dict]:
+        trained = self.runner.train(snapshot, phase=self.progress.phase, timings=timings, on_start=while_training)
         fields.update(train_seconds=trained.seconds, memory_bytes=trained.peak_memory_bytes,
                       log_tail=trained.log_tail, summary_json=json.dumps(trained.summary) if trained.summary else None)
         if trained.status != "ok":
             fields["log_tail"] = f"{trained.reason}\n{trained.log_tail}"
             return trained.status, fields
-        evaluated = self.runner.evaluate(trained.checkpoint, phase=self.progress.phase)
+        with timed(timings, "eval_start"):
+            eval_box = standby.take("eval")  # None if training failed before it started: evaluate() starts one
+        evaluated = self.runner.evaluate(trained.checkpoint, phase=self.progress.phase, timings=timings, box=eval_box)
         fields["eval_json"] = json.dumps(evaluated.result) if evaluated.result else None
         if not evaluated.ok:
             fields["log_tail"] = f"evaluation: {evaluated.reason}\n{trained.log_tail}"
@@ -342,8 +392,9 @@ class Session:
         return metric < base.metric - margin
 
     def _finish(self, experiment_id: int, status: str, started: float, fields: dict) -> Experiment:
+        timings = getattr(self, "_timings", {})
         experiment = self.ledger.finish_experiment(experiment_id, status, seconds=round(time.monotonic() - started, 3),
-                                                   **fields)
+                                                   timings_json=json.dumps(timings), **fields)
         self.experiments_run += 1
         (self.lab / RESULTS_FILE).write_text(self.ledger.results_tsv())
         log.info("experiment.finished", id=experiment_id, status=status, metric=experiment.metric,

@@ -247,7 +247,46 @@ def op_delete(rel, _limit):
         _close(fd, stack)
 
 
-OPS = {"read": op_read, "write": op_write, "list": op_list, "delete": op_delete}
+def op_manifest(rel, max_entries):
+    """Every regular file below rel: path, size and sha256 (for files up to MANIFEST_HASH_BYTES; the
+    hashed total is capped too). Walks with directory fds and never follows a symlink."""
+    import hashlib
+
+    fd, name, stack, st = _lookup(rel)
+    entries, hashed = [], 0
+    try:
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            raise NotFound(f"no such directory: {rel}")
+        top = _open_verified(name, fd, st, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+                dirnames.sort()
+                for entry_name in sorted(filenames):
+                    st = os.stat(entry_name, dir_fd=dirfd, follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    digest = None
+                    if st.st_size <= MANIFEST_HASH_BYTES and hashed + st.st_size <= MANIFEST_TOTAL_BYTES:
+                        f = _open_verified(entry_name, dirfd, st, os.O_RDONLY | os.O_NONBLOCK)
+                        try:
+                            digest = hashlib.sha256(os.read(f, st.st_size + 1)).hexdigest()
+                        finally:
+                            os.close(f)
+                        hashed += st.st_size
+                    entries.append({"path": posixpath.normpath(posixpath.join(dirpath, entry_name)),
+                                    "size": st.st_size, "sha256": digest})
+                    if len(entries) >= max_entries:
+                        raise TooLarge(f"more than {max_entries} files below {rel}")
+            sys.stdout.write(json.dumps(entries))
+        finally:
+            os.close(top)
+    finally:
+        _close(fd, stack)
+
+
+MANIFEST_HASH_BYTES = 1024 * 1024
+MANIFEST_TOTAL_BYTES = 64 * 1024 * 1024
+OPS = {"read": op_read, "write": op_write, "list": op_list, "delete": op_delete, "manifest": op_manifest}
 
 if __name__ == "__main__":
     op, WORKSPACE, relpath, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

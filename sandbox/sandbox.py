@@ -8,6 +8,7 @@ workspace by an unprivileged helper inside the container (see fsops.py).
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import json
 import posixpath
@@ -39,6 +40,7 @@ _KILL_ALL = ["/bin/bash", "-c", "kill -KILL -1"]  # as the exec's user: every pr
 _REAP_WRAPPER = ["/bin/bash", "-c", '"$@"; rc=$?; kill -KILL -1 2>/dev/null; exit $rc', "labrat-exec"]
 _STDOUT, _STDERR = 1, 2
 _LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+_CLOSER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sandbox-close")
 
 
 class ExecResult(BaseModel):
@@ -192,6 +194,11 @@ class Sandbox:
         with contextlib.suppress(docker.errors.NotFound), engine_errors():
             self.container.remove(force=True)
         log.debug("sandbox.closed", name=self.container.name)
+
+    def close_later(self) -> None:
+        """Remove the container on a background thread (removal takes ~0.1 s the caller need not wait for).
+        The process waits for pending removals before it exits."""
+        _CLOSER.submit(self.close)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -398,6 +405,11 @@ class Sandbox:
                 return int(Path(path).read_text().split()[0])
         return None
 
+    def manifest(self, path: str = ".", max_entries: int = 10_000) -> list[dict]:
+        """Regular files below a workspace directory: {path, size, sha256} (sha256 None past 1 MiB per file
+        or 64 MiB in all). Symlinks are never followed; paths are relative to `path`."""
+        return json.loads(self._fsop("manifest", path, max_entries))
+
     def changes(self, under: str | None = None) -> dict[str, str]:
         """Paths changed in the writable layer since the container's image (`docker diff`):
         path -> "changed" | "added" | "deleted", optionally only below the directory `under`."""
@@ -427,7 +439,7 @@ class Sandbox:
         argv = [_PYTHON, "-I", "-S", "-c", _FSOPS_SOURCE, op, self.policy.workspace, rel, str(limit)]
         # The helper refuses anything over `limit` (bytes, or entries of at most ~600 JSON bytes), and the
         # capped stream keeps half its cap as head: these caps never truncate a legal answer.
-        cap = 2 * (limit * 600 if op == "list" else limit) + 65536
+        cap = 2 * (limit * 600 if op in ("list", "manifest") else limit) + 65536
         run = self._run(argv, 120, cap, data, None, "/", None, may_write=op in ("write", "delete"))
         if run.exit_code == 0 and run.limit in (None, "disk"):  # over the disk limit, files can still be read
             return bytes(run.out.head) + bytes(run.out.tail)

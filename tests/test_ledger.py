@@ -38,7 +38,8 @@ def test_experiment_lifecycle_and_best(ledger):
 
 def test_results_tsv_has_autoresearchs_columns(ledger):
     e = ledger.begin_experiment("s1", None, "tabs\tand\nnewlines")
-    ledger.finish_experiment(e, "keep", metric=0.987654321, memory_bytes=int(44.2 * 1024**3), snapshot="abcdef1234567890")
+    ledger.finish_experiment(e, "keep", metric=0.987654321, memory_bytes=int(44.2 * 1024**3), snapshot="lab1-e00001",
+                              snapshot_image_id="sha256:abcdef1234567890")
     ledger.begin_experiment("s1", e, "still running")
     lines = ledger.results_tsv().splitlines()
     assert lines[0].split("\t") == ["commit", "val_bpb", "memory_gb", "status", "description"]
@@ -68,3 +69,34 @@ def test_a_kill_mid_transaction_loses_nothing_and_leaves_no_half_row(ledger, tmp
     assert {e.status for e in reopened.experiments()} == {"keep", "crash"}
     assert reopened.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     reopened.close()
+
+
+def test_a_version_1_ledger_is_upgraded_in_place(tmp_path):
+    """A ledger written by the first release (no session base, no sources) opens and keeps its rows."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE sessions (id TEXT PRIMARY KEY, started_at TEXT NOT NULL, ended_at TEXT, agent TEXT NOT NULL,
+                               model TEXT, config_json TEXT NOT NULL, stop_reason TEXT);
+        CREATE TABLE experiments (id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, parent_id INTEGER,
+            status TEXT NOT NULL, description TEXT NOT NULL, snapshot TEXT, snapshot_image_id TEXT, diff TEXT,
+            metric REAL, floor_gap REAL, memory_bytes INTEGER, seconds REAL, tokens_in INTEGER NOT NULL DEFAULT 0,
+            tokens_out INTEGER NOT NULL DEFAULT 0, cost_usd REAL NOT NULL DEFAULT 0, log_tail TEXT, summary_json TEXT,
+            started_at TEXT NOT NULL, finished_at TEXT);
+        INSERT INTO sessions VALUES ('old', '2026-01-01', NULL, 'offline', NULL, '{}', NULL);
+        INSERT INTO experiments (session_id, status, description, metric, started_at)
+            VALUES ('old', 'keep', 'baseline', 1.5, '2026-01-01');
+    """)
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.meta("schema_version") == "2"
+    assert ledger.experiment(1).metric == 1.5 and ledger.experiment(1).timings_json is None
+    assert ledger.session("old").resumable and ledger.session("old").base_experiment_id is None
+    b = ledger.begin_experiment("old", 1, "wider")
+    assert ledger.finish_experiment(b, "keep", metric=1.2, sources_json="{}").metric == 1.2
+    assert ledger.session("old").base_experiment_id == b  # a keep moves the base in the same transaction
+    ledger.close()
