@@ -3,11 +3,14 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+DEMO_LAB ?= demo-lab
 
 .PHONY: demo test setup engine venv image bench clean-images
 
+# An offline session (no key, CPU, synthetic data) of a few experiments; prints the results table.
+# Run it again to continue from the best result so far.
 demo: setup
-	$(BIN)/labrat demo
+	$(BIN)/labrat run --lab $(DEMO_LAB) --max-experiments 4 --budget 30
 
 test: setup
 	$(BIN)/pytest

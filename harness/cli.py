@@ -221,10 +221,10 @@ def diff(
 
 
 @app.command()
-def demo(
+def smoke(
     runtime: Annotated[str, typer.Option(help="runc, or runsc for gVisor.")] = "runc",
 ) -> None:
-    """A smoke session of the sandbox: exec, edit, snapshot, restore, all in a hardened container."""
+    """A smoke test of the sandbox alone: exec, edit, snapshot, restore, all in a hardened container."""
     from sandbox.engine import reap_orphans
     from sandbox.images import build_image
     from sandbox.policy import SandboxPolicy
@@ -236,8 +236,8 @@ def demo(
         image = build_image(progress=update)
     policy = SandboxPolicy(image=image, runtime=runtime)
     store = SnapshotStore()
-    session = f"demo{int(time.time())}"
-    table = Table(title=f"labrat sandbox demo ({runtime})")
+    session = f"smoke{int(time.time())}"
+    table = Table(title=f"labrat sandbox smoke test ({runtime})")
     for column in ("step", "result", "seconds"):
         table.add_column(column)
 

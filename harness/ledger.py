@@ -86,6 +86,17 @@ CREATE INDEX IF NOT EXISTS experiments_by_session ON experiments(session_id, id)
 """
 
 
+TOOL_INPUT_CHARS = 100_000
+
+
+def _bounded_json(value) -> str:
+    """JSON of a tool input, still valid JSON when the input is too large to keep whole."""
+    text = json.dumps(value, default=str)
+    if len(text) <= TOOL_INPUT_CHARS:
+        return text
+    return json.dumps({"labrat_truncated": True, "chars": len(text), "head": text[:TOOL_INPUT_CHARS]})
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
@@ -278,7 +289,7 @@ class Ledger:
             db.execute(
                 "INSERT INTO tool_calls (session_id, experiment_id, name, input_json, output, is_error, seconds, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (session_id, experiment_id, name, json.dumps(tool_input, default=str)[:100_000], output[:20_000],
+                (session_id, experiment_id, name, _bounded_json(tool_input), output[:20_000],
                  int(is_error), seconds, _now()))
 
     def record_event(self, session_id: str | None, kind: str, **detail) -> None:

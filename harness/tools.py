@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness import history
 from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxClosed, SandboxError
-from sandbox.sandbox import safe_text
+from sandbox.sandbox import safe_text, workspace_relpath
 
 if TYPE_CHECKING:
     from harness.session import Session
@@ -190,10 +190,14 @@ class Toolbox:
         except FileMissing:
             return None
 
+    def _undo_key(self, path: str) -> str:
+        # "/workspace/a.py", "a.py" and "./a.py" are one file with one undo history
+        return workspace_relpath(path, self.session.box.policy.workspace)
+
     def _write(self, path: str, text: str) -> None:
         previous = self._current(path)
         self.session.box.write_file(path, text)
-        self.undo.setdefault(path, []).append(previous)
+        self.undo.setdefault(self._undo_key(path), []).append(previous)
 
     def _edit_view(self, args: EditorInput) -> ToolResult:
         try:
@@ -254,7 +258,7 @@ class Toolbox:
         return ToolResult(text=f"inserted {new.count(chr(10)) + 1} line(s) after line {args.insert_line} of {args.path}")
 
     def _edit_undo_edit(self, args: EditorInput) -> ToolResult:
-        stack = self.undo.get(args.path)
+        stack = self.undo.get(self._undo_key(args.path))
         if not stack:
             raise ToolError(f"no edit of {args.path} to undo (edits are undoable until the next experiment)")
         previous = stack.pop()

@@ -71,7 +71,8 @@ def test_daemon_dying_mid_request(docker_host, tmp_path):
 
 def test_cli_prints_one_line_and_exit_code_2_when_the_daemon_is_down(tmp_path):
     env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/none.sock"}
-    done = subprocess.run([LABRAT, "demo"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([LABRAT, "run", "--lab", str(tmp_path / "lab")], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("labrat: error: the Docker engine is not reachable")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.ledger import Ledger
-from sandbox.engine import LABEL_OWNER_PID, client
+from sandbox.engine import LABEL_OWNER_PID, client, reap_orphans
 from sandbox.snapshots import SnapshotStore
 
 LABRAT = str(Path(sys.executable).parent / "labrat")
@@ -42,6 +42,7 @@ def labrat(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 def cleanup_snapshots():
     labs: list[Path] = []
     yield labs
+    reap_orphans()  # a test that failed before its resume leaves a killed harness's containers
     for lab in labs:
         if (lab / "ledger.db").exists():
             ledger = Ledger(lab / "ledger.db")
@@ -51,8 +52,9 @@ def cleanup_snapshots():
                 SnapshotStore().gc(keep=[], name_prefix=lab_id)
 
 
-def containers_of(pid: int):
-    return client().containers.list(all=True, filters={"label": f"{LABEL_OWNER_PID}={pid}"})
+def containers_of(pid: int) -> list[dict]:
+    """The containers a process started, as one engine call (the harness removes containers on threads)."""
+    return client().api.containers(all=True, filters={"label": f"{LABEL_OWNER_PID}={pid}"})
 
 
 def test_offline_session_keeps_and_discards(tmp_path, cleanup_snapshots):
@@ -92,7 +94,7 @@ def test_offline_session_keeps_and_discards(tmp_path, cleanup_snapshots):
     assert tsv[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription" and len(tsv) == 6
     log_lines = [json.loads(line) for line in (lab / "logs" / "labrat.log").read_text().splitlines()]
     assert sum(1 for line in log_lines if line["event"] == "experiment.finished") == 5
-    assert not client().containers.list(all=True, filters={"label": f"labrat.session={ledger.last_session().id}"})
+    assert not client().api.containers(all=True, filters={"label": f"labrat.session={ledger.last_session().id}"})
 
     # The CLI views read the same ledger.
     best = ledger.best()
@@ -124,7 +126,7 @@ def test_resume_after_the_harness_is_killed_mid_training(tmp_path, cleanup_snaps
     try:
         # Kill it while the second experiment's training container runs (the first is complete by then).
         def training_second():
-            roles = [c.labels.get("labrat.role") for c in containers_of(proc.pid)]
+            roles = [c["Labels"].get("labrat.role") for c in containers_of(proc.pid)]
             if "train" not in roles or not (lab / "ledger.db").exists():
                 return False
             db = sqlite3.connect(lab / "ledger.db")
