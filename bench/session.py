@@ -91,7 +91,8 @@ PHASE_NOTES = {
     "other": "the rest: ledger writes, results.tsv, peak memory, tool bookkeeping",
 }
 
-console = Console()
+# Wide enough for the tables when the output goes to a file or a pipe (rich falls back to 80 columns there).
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def mean(values: list[float]) -> float:
@@ -99,7 +100,8 @@ def mean(values: list[float]) -> float:
 
 
 def load() -> str:
-    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    """The load average (1, 5, 15 min): another process on a 2-core machine disturbs every figure here."""
+    return "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
 
 
 # -- labrat: a real session, timed per run_experiment call ---------------------------------------------
@@ -375,8 +377,11 @@ def markdown(summaries: list[dict], checks: list[dict], phases: list[dict], info
     lines = [f"## Session: `{command}`", "",
              f"Measured {info['date']} on {info['host']} ({info['cores']} cores, Docker {info['docker']}), "
              f"runtime {args.runtime}: {args.experiments} experiments per loop, {args.budget:g} s training budget, "
-             f"{args.eval_tokens:,} evaluation tokens, `{TRAINER_CONFIG}`; load average before / after: "
-             f"{info['load_before']} / {info['load_after']}.", "",
+             f"{args.eval_tokens:,} evaluation tokens, `{TRAINER_CONFIG}`; load average (1, 5, 15 min) before "
+             f"({info['load_before']}), between the loops ({info['load_middle']}), after ({info['load_after']}). "
+             f"Loop wall time: from the first experiment's start to the last one's end; labrat's session also "
+             f"spent {info['open_s']:.2f} s opening (lab lock, image check, data, first working container) and "
+             f"{info['close_s']:.2f} s closing; the bare loop {info['prepare_s']:.2f} s preparing its data.", "",
              "| " + " | ".join(LOOP_COLUMNS) + " |", "|" + "---|" * len(LOOP_COLUMNS)]
     lines += ["| " + " | ".join(loop_cells(s)) + " |" for s in summaries]
     lines += ["", "| measurement | value | target | result |", "|---|---|---|---|"]
@@ -454,8 +459,9 @@ def main() -> int:
               f"{args.runtime}; {args.experiments} experiments x {args.budget:g} s, {args.eval_tokens:,} eval tokens; "
               f"labrat session open {labrat['open_s']:.2f} s, close {labrat['close_s']:.2f} s, whole session "
               f"{labrat['session_wall']:.1f} s; bare data prepare {bare['prepare_s']:.2f} s; load average "
-              f"before {info['load_before']}, between {info['load_middle']}, after {info['load_after']}; "
+              f"before ({info['load_before']}), between ({info['load_middle']}), after ({info['load_after']}); "
               f"removed {len(removed)} snapshots")
+    info.update(open_s=labrat["open_s"], close_s=labrat["close_s"], prepare_s=bare["prepare_s"])
     print_tables(summaries, checks, phases, labrat, bare, header)
     if args.markdown:
         print()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,9 @@ def run(
     ensure_lab(lab)
     config = apply_overrides(load_config(lab), agent=agent, model=model, time_budget=budget,
                              max_experiments=max_experiments, max_hours=hours, gpus=gpus, runtime=runtime)
-    logs.configure(file=lab / "logs" / "labrat.log")
+    # On a terminal the live view is the display: log lines (all still in the lab's log file) would tear it.
+    quiet = console.is_terminal and "LABRAT_LOG_LEVEL" not in os.environ
+    logs.configure(file=lab / "logs" / "labrat.log", level="warning" if quiet else None)
     researcher = make_agent(config, read_program(lab))
     failure = None
     with _status("starting the session") as update:

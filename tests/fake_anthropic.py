@@ -196,14 +196,14 @@ class FakeAnthropic:
         return [body for status, body in self.answers if status == 200]
 
     def tool_results(self) -> dict[str, dict]:
-        """tool_use id -> the tool_result block the agent sent for it (the last one seen)."""
-        found = {}
+        """tool_use id -> the tool_result block the agent sent for it, as first sent (before any elision)."""
+        found: dict[str, dict] = {}
         for request in self.requests:
             for message in request.body.get("messages", []):
                 if isinstance(message.get("content"), list):
                     for block in message["content"]:
                         if block.get("type") == "tool_result":
-                            found[block["tool_use_id"]] = block
+                            found.setdefault(block["tool_use_id"], block)
         return found
 
     def calls(self) -> list[dict]:

@@ -347,6 +347,25 @@ def test_persistent_api_failure_stops_with_a_one_line_error_and_the_session_resu
     ledger.close()
 
 
+def test_lost_connections_and_refused_requests_end_as_agent_failures(lab, fake_anthropic, monkeypatch):
+    fake = fake_anthropic
+    monkeypatch.setattr(claude_module, "MAX_RETRIES", 2)  # each retry of a dropped connection backs off ~0.5-1 s
+    fake.script(drop(), drop(), drop())
+    outcome = run_session(lab)
+    assert outcome.failure.startswith(f"Anthropic API unreachable at {fake.url}")
+    assert "RemoteProtocolError" in outcome.failure and outcome.failure.endswith("gave up after 2 retries")
+    assert len(fake.requests) == 3
+    ledger = ledger_of(lab)
+    assert ledger.last_session().resumable
+    ledger.close()
+
+    # A request the API refuses (400) is not retried; its reason stays one printable line.
+    fake.script(error(400, message="messages.0: [bad]\nrequest"))
+    outcome = run_session(lab)
+    assert outcome.resumed and len(fake.requests) == 4
+    assert outcome.failure == "Anthropic API: HTTP 400 invalid_request_error: messages.0: (bad) request"
+
+
 def test_the_agent_that_stops_calling_tools_is_nudged_then_stopped(lab, fake_anthropic):
     fake = fake_anthropic  # an empty script: every reply is end_turn with no tool use
     outcome = run_session(lab)
@@ -496,7 +515,8 @@ def test_the_context_stays_bounded_over_many_experiments(lab, fake_anthropic, mo
     starts = [r for r in requests if len(r.body["messages"]) == 1]
     assert len(starts) == cycles
     summaries = [r.body["messages"][0]["content"][0]["text"] for r in starts]
-    assert "5 experiments, the latest 3:" in summaries[-1] and "#2 (" not in summaries[-1]
+    assert "Lab history: 5 experiments (5 crash); the latest 3, oldest first:" in summaries[-1]
+    assert "#3 (" in summaries[-1] and "#2 (" not in summaries[-1]
     assert "cycle 5: a deliberately broken trainer" in summaries[-1] and "crash" in summaries[-1]
     sizes = [chars(r) for r in starts]
     assert max(sizes[3:]) <= min(sizes[3:]) * 1.03, sizes  # saturated history: the same size every time

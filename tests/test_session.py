@@ -182,3 +182,23 @@ def test_bad_command_line_value_names_the_option(tmp_path):
     bad = labrat("run", "--lab", str(lab), "--budget", "-3", timeout=120)
     assert bad.returncode == 2 and "--time-budget" in bad.stderr and "greater than 0" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("runtime", [pytest.param("runsc", marks=pytest.mark.runsc)], indirect=True)
+def test_a_session_under_gvisor(tmp_path, runtime, cleanup_snapshots):
+    """Training, the read-only data mount and the root/agent evaluation split all work under runsc."""
+    from harness.agents.offline import OfflineAgent
+    from harness.config import LabConfig
+    from harness.session import Session
+    from harness.tools import Toolbox
+
+    lab = tmp_path / "lab"
+    cleanup_snapshots.append(lab)
+    config = LabConfig(time_budget=2, grace=60, eval_tokens=4096, max_experiments=1, runtime=runtime)
+    with Session(lab, config, agent="offline") as session:
+        assert client().api.inspect_container(session.box.container.id)["HostConfig"]["Runtime"] == "runsc"
+        assert session.box.exec("cat /data/train.bin | wc -c").stdout.strip() == str(session.data.meta["train_tokens"])
+        OfflineAgent(config).run(Toolbox(session))
+        [baseline] = session.session_experiments()
+    assert baseline.status == "keep" and baseline.metric > session.data.floor_bpb
+    assert json.loads(baseline.eval_json)["causal"]

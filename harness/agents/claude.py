@@ -117,6 +117,11 @@ def _one_line(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _reason(text: str) -> str:
+    """A failure reason for AgentFailed: one line, short, without brackets (the CLI prints it as rich markup)."""
+    return _one_line(text, 200).replace("[", "(").replace("]", ")")
+
+
 def _size(value) -> int:
     return len(json.dumps(value, ensure_ascii=False, default=str))
 
@@ -200,15 +205,15 @@ class ClaudeAgent:
             return self.client.messages.create(model=self.model, max_tokens=MAX_TOKENS, system=self.system,
                                                tools=self.tools, messages=messages)
         except anthropic.APIStatusError as exc:
-            raise AgentFailed(self._status_failure(exc)) from None
+            raise AgentFailed(_reason(self._status_failure(exc))) from None
         except anthropic.APIConnectionError as exc:  # APITimeoutError included
             cause = exc.__cause__ or exc.__context__
             detail = f"{type(cause).__name__}: {cause}" if cause else str(exc)
             what = "timed out" if isinstance(exc, anthropic.APITimeoutError) else "unreachable"
-            raise AgentFailed(_one_line(f"Anthropic API {what} at {self.client.base_url} ({detail}); "
-                                        f"gave up after {MAX_RETRIES} retries", 200)) from None
+            raise AgentFailed(_reason(f"Anthropic API {what} at {self.client.base_url} ({detail}); "
+                                      f"gave up after {MAX_RETRIES} retries")) from None
         except anthropic.APIError as exc:
-            raise AgentFailed(_one_line(f"Anthropic API: unexpected response: {exc}", 200)) from None
+            raise AgentFailed(_reason(f"Anthropic API: unexpected response: {exc}")) from None
 
     @staticmethod
     def _status_failure(exc: anthropic.APIStatusError) -> str:
@@ -277,12 +282,6 @@ class ClaudeAgent:
         else:
             parts.append("[labrat] An experiment finished. To keep the context small, the conversation restarts "
                          "from this summary after every experiment; earlier messages are gone.")
-        counts: dict[str, int] = {}
-        for e in done:
-            counts[e.status] = counts.get(e.status, 0) + 1
-        if done:
-            parts.append(f"Lab history: {len(done)} experiments (" +
-                         ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ").")
         best, base = session.ledger.best(), session.base
         if best is not None:
             parts.append(f"Best so far: {history.one_line(best)}")
@@ -293,19 +292,29 @@ class ClaudeAgent:
         else:
             parts.append("The workspace holds trainer/train.py as shipped (nothing kept yet in this session).")
         if done:
-            parts.append(history.experiment_list(done, HISTORY_LINES))
+            counts: dict[str, int] = {}
+            for e in done:
+                counts[e.status] = counts.get(e.status, 0) + 1
+            shown = done[-HISTORY_LINES:]
+            header = (f"Lab history: {len(done)} experiment{'s' if len(done) > 1 else ''} ("
+                      + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ")"
+                      + (f"; the latest {len(shown)}, oldest first:" if len(shown) < len(done) else ":"))
+            parts.append("\n".join([header, *(history.one_line(e) for e in shown)]))
         else:
             parts.append("No experiments yet: a first run_experiment of train.py as shipped gives the baseline.")
         parts.append("More history: list_experiments(limit) for older experiments, show_experiment(id) for one "
                      "experiment's diff and log, diff(a, b) between two (0 = the session's starting point).")
         if last_turn:
-            lines, used = [], 0
+            # Every run_experiment outcome is shown; other results while they fit LAST_TURN_TOTAL_CHARS.
+            lines, used, left_out = [], 0, 0
             for line in last_turn:
-                if used + len(line) > LAST_TURN_TOTAL_CHARS:
-                    lines.append(f"[{len(last_turn) - len(lines)} more tool results not shown]")
-                    break
+                if not line.startswith("run_experiment ") and used + len(line) > LAST_TURN_TOTAL_CHARS:
+                    left_out += 1
+                    continue
                 lines.append(line)
                 used += len(line)
+            if left_out:
+                lines.append(f"({left_out} more tool results not shown)")
             parts.append("Your last turn's tool calls and their results:\n" + "\n\n".join(lines))
         if session.config.max_experiments is not None:
             left = session.config.max_experiments - len([e for e in session.session_experiments()
