@@ -11,10 +11,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness import logs
 from harness.config import ConfigError
+from harness.lab import experiment_or_error, open_ledger
 from sandbox.errors import SandboxError
 from trainer.prepare import DataError
 from sandbox.sandbox import interrupt_on_sigterm
@@ -114,24 +116,8 @@ def run(
     out.print(results_table(experiments, title=f"session {session.session_id}"))
     out.print(f"results: {lab / 'results.tsv'}; stop: {failure or session.stop}", highlight=False)
     if failure:
-        console.print(f"[bold red]labrat: error:[/] {failure} (state saved: `labrat run` resumes)", highlight=False)
+        console.print(f"[bold red]labrat: error:[/] {escape(failure)} (state saved: `labrat run` resumes)", highlight=False)
         raise typer.Exit(3)
-
-
-def _open_ledger(lab: Path):
-    from harness.lab import LEDGER_FILE
-    from harness.ledger import Ledger
-
-    if not (lab / LEDGER_FILE).exists():
-        raise ConfigError(f"{lab} is not a lab (no {LEDGER_FILE}): run `labrat init {lab}` or pass --lab")
-    return Ledger(lab / LEDGER_FILE)
-
-
-def _experiment(ledger, experiment_id: int):
-    try:
-        return ledger.experiment(experiment_id)
-    except KeyError:
-        raise ConfigError(f"no experiment #{experiment_id} in this lab (see `labrat log`)") from None
 
 
 LabOption = Annotated[Path, typer.Option("--lab", help="The lab directory.")]
@@ -142,7 +128,7 @@ def status(lab: LabOption = Path(".")) -> None:
     """The lab at a glance: sessions, experiments by status, the best result, what is running."""
     from collections import Counter
 
-    ledger = _open_ledger(lab)
+    ledger = open_ledger(lab)
     experiments = ledger.experiments()
     session = ledger.last_session()
     best = ledger.best()
@@ -176,7 +162,7 @@ def log_command(
     """The experiments of the lab, latest last."""
     from harness.progress import results_table
 
-    ledger = _open_ledger(lab)
+    ledger = open_ledger(lab)
     if tsv:
         out.print(ledger.results_tsv(), end="", highlight=False, markup=False)
         return
@@ -192,7 +178,7 @@ def show(
     """One experiment: status, metric, snapshot, tokens, its diff against its parent, the log tail."""
     from harness.history import experiment_detail
 
-    e = _experiment(_open_ledger(lab), experiment_id)
+    e = experiment_or_error(open_ledger(lab), experiment_id)
     out.print(experiment_detail(e, max_diff_chars=200_000), highlight=False, markup=False)
     if e.log_tail and e.status not in ("crash", "timeout"):
         out.print("log tail:\n" + e.log_tail, highlight=False, markup=False)
@@ -209,18 +195,48 @@ def diff(
 
     from harness.history import sources_of, unified_diff
 
-    ledger = _open_ledger(lab)
+    ledger = open_ledger(lab)
     sessions = {s.id: s for s in ledger.sessions()}
 
     def sources(experiment_id: int) -> dict[str, str]:
         if experiment_id == 0:
             first = next(iter(sessions.values()), None)
             return json.loads(first.root_sources_json or "{}") if first else {}
-        e = _experiment(ledger, experiment_id)
+        e = experiment_or_error(ledger, experiment_id)
         return sources_of(e, json.loads(sessions[e.session_id].root_sources_json or "{}"))
 
     text = unified_diff(sources(a), sources(b), f"#{a}", f"#{b}")
     out.print(text or f"#{a} and #{b} have the same sources", end="" if text else "\n", highlight=False, markup=False)
+
+
+@app.command()
+def rollback(
+    experiment_id: Annotated[int, typer.Argument(metavar="ID", help="The experiment to continue from.")],
+    lab: LabOption = Path("."),
+) -> None:
+    """Make the lab's next experiments start from ID's snapshot (recorded in the ledger)."""
+    from harness.lab import rollback as roll_back
+
+    out.print(f"rolled back: {roll_back(lab, experiment_id)}", highlight=False)
+
+
+@app.command()
+def reproduce(
+    experiment_id: Annotated[int, typer.Argument(metavar="ID", help="The experiment to re-run.")],
+    lab: LabOption = Path("."),
+    tolerance: Annotated[float | None, typer.Option(help="Allowed |reproduced - recorded| in bpb (default: 0 in "
+                                                          "deterministic mode, else 0.05).")] = None,
+) -> None:
+    """Re-run ID's training and evaluation from its snapshot; compare with the recorded metric (exit 1 if off)."""
+    from harness.reproduce import reproduce as run_reproduction
+
+    with _status(f"reproducing #{experiment_id}") as update:
+        result = run_reproduction(lab, experiment_id, tolerance, progress=update)
+    reproduced = f"{result.reproduced:.6f}" if result.reproduced is not None else "-"
+    out.print(f"#{experiment_id} {result.description}: recorded {result.recorded:.6f}, reproduced {reproduced}: "
+              f"{'OK' if result.ok else 'MISMATCH'}, {result.reason}", highlight=False)
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -278,7 +294,7 @@ def main() -> None:
     try:
         app()
     except (SandboxError, ConfigError, DataError) as exc:
-        console.print(f"[bold red]labrat: error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]labrat: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("labrat: interrupted; containers removed", highlight=False)

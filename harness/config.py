@@ -19,7 +19,7 @@ class LabConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     agent: Literal["offline", "claude"] = "offline"
-    model: str = "claude-sonnet-4-5"  # used by the claude agent
+    model: str = "claude-sonnet-4-6"  # used by the claude agent (claude-sonnet-4-5 reaches end of life 2026-11-30)
     trainer_config: Literal["cpu-tiny", "gpu"] = "cpu-tiny"
     time_budget: float = Field(45.0, gt=0, description="training seconds per experiment")
     grace: float = Field(30.0, ge=0, description="seconds past the budget before the hard kill (start-up, saving)")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 from harness.config import CONFIG_FILE, ConfigError, LabConfig
-from harness.ledger import Ledger
+from harness.ledger import Experiment, Ledger
 
 LEDGER_FILE = "ledger.db"
+LOCK_FILE = ".labrat.lock"
 PROGRAM_FILE = "program.md"
 PROGRAM = """# Research program
 
@@ -63,3 +66,61 @@ def read_program(path: Path) -> str:
     """The lab's research instructions (program.md), or the default ones if the file was removed."""
     program = Path(path) / PROGRAM_FILE
     return program.read_text() if program.exists() else PROGRAM
+
+
+def open_ledger(path: Path) -> Ledger:
+    """The ledger of an existing lab, or a one-line error."""
+    if not (Path(path) / LEDGER_FILE).exists():
+        raise ConfigError(f"{path} is not a lab (no {LEDGER_FILE}): run `labrat init {path}` or pass --lab")
+    return Ledger(Path(path) / LEDGER_FILE)
+
+
+def experiment_or_error(ledger: Ledger, experiment_id: int) -> Experiment:
+    try:
+        return ledger.experiment(experiment_id)
+    except KeyError:
+        raise ConfigError(f"no experiment #{experiment_id} in this lab (see `labrat log`)") from None
+
+
+class LabBusy(ConfigError):
+    """Another labrat process holds this lab."""
+
+
+def lock_lab(path: Path) -> int:
+    """Take the lab's exclusive lock (held until the returned fd is closed) or raise LabBusy."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(path) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LabBusy(f"another labrat process (pid {holder}) is running in {path}; wait for it or stop it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def rollback(path: Path, experiment_id: int) -> str:
+    """Make experiment_id the starting point of the lab's next experiments. Returns what was done."""
+    from sandbox.snapshots import SnapshotStore
+
+    fd = lock_lab(path)
+    ledger = open_ledger(path)
+    try:
+        experiment = experiment_or_error(ledger, experiment_id)
+        if experiment.status == "running" or not experiment.snapshot:
+            raise ConfigError(f"experiment #{experiment_id} has no snapshot to start from ({experiment.status})")
+        SnapshotStore().get(experiment.snapshot)  # SnapshotMissing, one line, if it was garbage-collected
+        last = ledger.last_session()
+        if last is not None and last.resumable:
+            ledger.set_base(last.id, experiment_id)
+            done = f"session {last.id} continues from #{experiment_id} at the next `labrat run`"
+        else:
+            ledger.set_meta("next_base", str(experiment_id))
+            done = f"the next session starts from #{experiment_id}"
+        ledger.record_event(last.id if last else None, "rollback", experiment=experiment_id)
+        return done
+    finally:
+        ledger.close()
+        os.close(fd)

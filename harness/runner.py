@@ -13,6 +13,8 @@ driver's result file, never anything the agent's code printed.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import json
 import secrets
@@ -28,6 +30,7 @@ from pydantic import BaseModel
 from harness.config import LabConfig
 from harness.data import PreparedData
 from sandbox.errors import SandboxError
+from sandbox.images import REPO_ROOT
 from sandbox.policy import SandboxPolicy
 from sandbox.sandbox import Sandbox
 from sandbox.snapshots import Snapshot, SnapshotStore
@@ -41,6 +44,7 @@ CHECKPOINT_LIMIT = 4 * 1024**3
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
 
+EVALUATOR_FILES = ("trainer/__init__.py", "trainer/prepare.py", "trainer/evaluate.py")
 Phase = Callable[[str, float | None], None]  # progress: (phase name, seconds allowed or None)
 
 
@@ -61,6 +65,16 @@ class EvaluationResult(BaseModel):
     floor_gap: float | None = None
     result: dict | None = None
     seconds: float
+
+
+@functools.cache
+def evaluator_sha256() -> str:
+    """Hash of the evaluation code (the image's root-owned copy is built from these files): a result is
+    reproducible only under the evaluator that produced it."""
+    digest = hashlib.sha256()
+    for name in EVALUATOR_FILES:
+        digest.update(name.encode() + b"\0" + (REPO_ROOT / name).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
@@ -30,9 +29,9 @@ import structlog
 from harness import history
 from harness.config import ConfigError, LabConfig
 from harness.data import ensure_data
-from harness.lab import LEDGER_FILE
+from harness.lab import LEDGER_FILE, lock_lab
 from harness.ledger import Experiment, Ledger
-from harness.runner import Runner, timed
+from harness.runner import Runner, evaluator_sha256, timed
 from sandbox.engine import reap_orphans
 from sandbox.errors import EngineUnavailable, SandboxError
 from sandbox.images import build_image
@@ -41,16 +40,11 @@ from sandbox.snapshots import SnapshotStore
 
 log = structlog.get_logger(__name__)
 
-LOCK_FILE = ".labrat.lock"
 RESULTS_FILE = "results.tsv"
 WORKSPACE = "/workspace"
 SOURCE_LIMIT = 256 * 1024  # per file kept in the ledger for diffs
 SOURCE_FILES_LIMIT = 50  # changed files read per experiment
 IGNORED_PARTS = ("__pycache__", ".labrat-run-", ".cache", ".ipynb_checkpoints")
-
-
-class LabBusy(ConfigError):
-    """Another labrat process holds this lab."""
 
 
 class Progress:
@@ -136,6 +130,9 @@ class Session:
             if last and last.ended_at is None:
                 self.ledger.end_session(last.id, "superseded by a new session", resumable=False)
             best = self.ledger.best()
+            if rolled_back := self.ledger.meta("next_base"):  # `labrat rollback` chose the starting point
+                best = self.ledger.experiment(int(rolled_back))
+                self.ledger.delete_meta("next_base")
             session_id = f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
             self.session = self.ledger.start_session(
                 session_id, self.agent, self.model, self.config.model_dump(),
@@ -157,17 +154,7 @@ class Session:
         return lab_id
 
     def _lock(self) -> None:
-        self.lab.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lab / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise LabBusy(f"another labrat process (pid {holder}) is running in {self.lab}; wait for it or stop it") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        self._lock_fd = lock_lab(self.lab)
 
     def _release(self) -> None:
         if self._lock_fd is not None:
@@ -179,6 +166,9 @@ class Session:
             if self.box:
                 self.box.close()
         if hasattr(self, "session"):
+            if any(self.pending_usage):  # tokens spent after the last experiment: kept, never attributed to one
+                self.ledger.record_event(self.session_id, "unattributed_usage", tokens_in=self.pending_usage[0],
+                                         tokens_out=self.pending_usage[1], cost_usd=self.pending_usage[2])
             self.ledger.recover_interrupted(f"harness stopped during the experiment: {reason}")
             self.ledger.end_session(self.session_id, reason, resumable=resumable)
             self.ledger.record_event(self.session_id, "session_end", reason=reason, resumable=resumable)
@@ -327,6 +317,8 @@ class Session:
                         "lab": self.lab_id, "session": self.session_id, "experiment": str(experiment_id),
                         "parent": str(base.id if base else ""), "trainer_config": self.config.trainer_config,
                         "seed": str(self.config.seed), "data_sha256": self.data.meta.get("train_sha256", ""),
+                        "heldout_sha256": self.data.meta.get("val_sha256", ""), "evaluator_sha256": evaluator_sha256(),
+                        "config": self.config.model_dump_json(),
                     })
                 fields.update(snapshot=snapshot.name, snapshot_image_id=snapshot.image_id)
                 sources = pool.submit(self._read_sources, parent_sources)

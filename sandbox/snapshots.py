@@ -43,6 +43,7 @@ L_LINEAGE_DEPTH = "labrat.snapshot.lineage_depth"
 L_CREATED = "labrat.snapshot.created"
 USER_PREFIX = "labrat.meta."  # caller labels (experiment id, parent experiment, trainer hash, config, seed)
 DEFAULT_MAX_DEPTH = 48
+BUNDLE_FORMAT = "labrat-snapshot/2"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
 
@@ -241,19 +242,24 @@ class SnapshotStore:
 
     # -- export / import ---------------------------------------------------------------------------
 
-    def export(self, snapshot: Snapshot | str, path: str | Path) -> Path:
-        """Write one snapshot as a self-contained tar (`docker save` of its image, all layers) plus a manifest."""
-        snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
+    def export(self, snapshots: Snapshot | str | list[Snapshot | str], path: str | Path,
+               extra: dict | None = None) -> Path:
+        """Write snapshots as one self-contained tar: `docker save` of their images (all layers, shared
+        ones once) and a manifest with the images' SHA-256 and the caller's `extra` metadata (and its
+        SHA-256). `import_` verifies both before loading anything."""
+        items = snapshots if isinstance(snapshots, list) else [snapshots]
+        snaps = [self.get(s) if isinstance(s, str) else s for s in items]
         path = Path(path)
-        with engine_errors():
-            image = client().images.get(snap.image_id)
-            partial = path.with_name(path.name + ".partial")
-            digest = hashlib.sha256()
-            with open(partial, "wb") as out:
-                for chunk in image.save(named=f"{REPOSITORY}:{snap.name}"):
-                    digest.update(chunk)
-                    out.write(chunk)
-        manifest = {"format": "labrat-snapshot/1", "snapshot": snap.model_dump(), "image_sha256": digest.hexdigest()}
+        partial = path.with_name(path.name + ".partial")
+        digest = hashlib.sha256()
+        with engine_errors(), open(partial, "wb") as out:
+            for chunk in _save_images([f"{REPOSITORY}:{snap.name}" for snap in snaps]):
+                digest.update(chunk)
+                out.write(chunk)
+        extra_json = json.dumps(extra or {}, sort_keys=True)
+        manifest = {"format": BUNDLE_FORMAT, "snapshots": [snap.model_dump() for snap in snaps],
+                    "image_sha256": digest.hexdigest(), "extra": json.loads(extra_json),
+                    "extra_sha256": hashlib.sha256(extra_json.encode()).hexdigest()}
         with tarfile.open(path, "w") as bundle:
             bundle.add(partial, arcname="image.tar")
             data = json.dumps(manifest, indent=2).encode()
@@ -263,8 +269,9 @@ class SnapshotStore:
         partial.unlink()
         return path
 
-    def import_(self, path: str | Path) -> Snapshot:
-        """Load a snapshot exported by `export`; verifies the image checksum before loading."""
+    def import_(self, path: str | Path) -> tuple[list[Snapshot], dict]:
+        """Load a bundle written by `export`: (its snapshots, its extra metadata). Refuses a bundle whose
+        checksums do not match, and checks that every image loaded under the id the manifest names."""
         path = Path(path)
         try:
             bundle = tarfile.open(path, "r")
@@ -276,8 +283,11 @@ class SnapshotStore:
                 image_member = bundle.getmember("image.tar")
             except (KeyError, AttributeError, ValueError) as exc:
                 raise SandboxError(f"{path} is not a labrat snapshot bundle (no manifest/image): {exc}") from None
-            if manifest.get("format") != "labrat-snapshot/1":
+            if manifest.get("format") != BUNDLE_FORMAT:
                 raise SandboxError(f"{path}: unknown bundle format {manifest.get('format')!r}")
+            extra_json = json.dumps(manifest.get("extra", {}), sort_keys=True)
+            if hashlib.sha256(extra_json.encode()).hexdigest() != manifest.get("extra_sha256"):
+                raise SandboxError(f"{path}: metadata checksum mismatch, the bundle's manifest was altered")
             digest = hashlib.sha256()
             with tempfile.TemporaryFile() as image_tar:
                 source = bundle.extractfile(image_member)
@@ -289,7 +299,12 @@ class SnapshotStore:
                 image_tar.seek(0)
                 with engine_errors():
                     client().images.load(image_tar)
-        return self.get(manifest["snapshot"]["name"])
+        snaps = [self.get(entry["name"]) for entry in manifest["snapshots"]]
+        for snap, entry in zip(snaps, manifest["snapshots"]):
+            if snap.image_id != entry["image_id"]:  # image ids are content digests: this is the image exported
+                raise SandboxError(f"{path}: snapshot {snap.name} loaded as {snap.image_id[:19]}, the manifest says "
+                                   f"{entry['image_id'][:19]}")
+        return snaps, manifest.get("extra", {})
 
     # -- garbage collection ------------------------------------------------------------------------
 
@@ -326,6 +341,14 @@ class SnapshotStore:
         return report
 
 
+
+
+def _save_images(names: list[str]):
+    """`docker save` of several images in one tar (layers they share are stored once). docker-py's
+    get_image takes one name; the engine's /images/get takes many, so this calls it the same way."""
+    api = client().api
+    response = api._get(api._url("/images/get"), params={"names": names}, stream=True)
+    return api._stream_raw_result(response, 2 * 1024 * 1024, False)
 
 
 def _chain(snap: Snapshot, by_id: dict[str, Snapshot]) -> list[Snapshot]:

@@ -163,7 +163,7 @@ def test_resume_after_the_harness_is_killed_mid_training(tmp_path, cleanup_snaps
 
 
 def test_a_second_run_in_the_same_lab_is_refused(tmp_path):
-    from harness.session import LOCK_FILE
+    from harness.lab import LOCK_FILE
 
     import fcntl
 

@@ -1,6 +1,7 @@
 """Snapshots on the real engine: round trips, lineage, deep lineages, export/import, gc."""
 
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -86,31 +87,38 @@ def test_deep_lineage_stays_restorable_at_every_depth(runc_box, store):
 def test_export_remove_import_restore(box, store, policy, tmp_path):
     box.write_file("model.py", "weights = 42\n")
     snap = store.snapshot(box, labels={"experiment": "17"}, name=_name("exp"))
-    bundle = store.export(snap, tmp_path / "exp17.tar")
+    bundle = store.export(snap, tmp_path / "exp17.tar", extra={"ledger": {"metric": 1.25}})
     client().images.remove(snap.image_id, force=True)
     with pytest.raises(SnapshotMissing):
         store.get(snap.name)
-    imported = store.import_(bundle)
+    [imported], extra = store.import_(bundle)
     assert imported.image_id == snap.image_id and imported.labels == {"experiment": "17"}
+    assert extra == {"ledger": {"metric": 1.25}}
     with store.restore(imported, policy, session=SESSION) as restored:
         assert restored.read_text("model.py") == "weights = 42\n"
 
 
 def test_tampered_bundle_is_refused(runc_box, store, tmp_path):
-    runc_box.write_file("a", "1")
-    bundle = store.export(store.snapshot(runc_box, name=_name("tamper")), tmp_path / "s.tar")
-    tampered = tmp_path / "tampered.tar"
-    with tarfile.open(bundle) as src, tarfile.open(tampered, "w") as dst:
-        for member in src.getmembers():
-            data = src.extractfile(member).read()
-            if member.name == "image.tar":
-                data = data[:-2048] + b"\0" * 2048  # flip the tail of the image
-            member.size = len(data)
-            import io
+    import io
 
-            dst.addfile(member, io.BytesIO(data))
-    with pytest.raises(SandboxError, match="checksum mismatch"):
-        store.import_(tampered)
+    runc_box.write_file("a", "1")
+    bundle = store.export(store.snapshot(runc_box, name=_name("tamper")), tmp_path / "s.tar", extra={"metric": 1.5})
+
+    def tamper(name: str, change) -> Path:
+        tampered = tmp_path / f"tampered-{name}.tar"
+        with tarfile.open(bundle) as src, tarfile.open(tampered, "w") as dst:
+            for member in src.getmembers():
+                data = src.extractfile(member).read()
+                if member.name == name:
+                    data = change(data)
+                member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+        return tampered
+
+    with pytest.raises(SandboxError, match="image checksum mismatch"):
+        store.import_(tamper("image.tar", lambda data: data[:-2048] + b"\0" * 2048))  # flip the image's tail
+    with pytest.raises(SandboxError, match="metadata checksum mismatch"):
+        store.import_(tamper("manifest.json", lambda data: data.replace(b'"metric": 1.5', b'"metric": 0.5')))
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all")
     with pytest.raises(SandboxError, match="not a labrat snapshot bundle"):
         store.import_(tmp_path / "junk.tar")

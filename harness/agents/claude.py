@@ -52,6 +52,7 @@ ELIDED = "[labrat: elided"
 
 # USD per million tokens (input, output); cache writes cost 1.25x input, cache reads 0.1x input.
 PRICES: dict[str, tuple[float, float]] = {
+    "claude-sonnet-4-6": (3.0, 15.0),  # the Sonnet tier's list price (not checkable offline: verify on anthropic.com)
     "claude-sonnet-4-5": (3.0, 15.0),
     "claude-sonnet-4": (3.0, 15.0),
     "claude-sonnet-4-0": (3.0, 15.0),

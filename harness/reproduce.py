@@ -1,0 +1,105 @@
+"""Re-run a past experiment from its snapshot and compare the metric with the ledger's.
+
+Training runs in a fresh container of the experiment's snapshot (its train.py, exactly as it was)
+under the configuration of the session that ran it; evaluation is the same protected evaluation
+as in a session. It refuses, with one line, what cannot be a faithful reproduction: a snapshot that
+is gone, an evaluator or data that differ from the ones recorded on the snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+from pydantic import BaseModel
+
+from harness.config import ConfigError, LabConfig
+from harness.data import ensure_data
+from harness.lab import experiment_or_error, open_ledger
+from harness.runner import Runner, evaluator_sha256
+from sandbox.errors import SnapshotMissing
+from sandbox.images import build_image
+from sandbox.snapshots import SnapshotStore
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_TOLERANCE = 0.05  # bpb, for time-budgeted runs (the step count depends on the machine's speed)
+
+
+class Reproduction(BaseModel):
+    experiment_id: int
+    description: str
+    recorded: float
+    reproduced: float | None
+    tolerance: float
+    deterministic: bool
+    ok: bool
+    reason: str  # one line: why it passed or failed
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.reproduced is None else self.reproduced - self.recorded
+
+
+def reproduce(lab: Path, experiment_id: int, tolerance: float | None = None,
+              progress: Callable[[str], None] = lambda line: None) -> Reproduction:
+    lab = Path(lab)
+    ledger = open_ledger(lab)
+    try:
+        experiment = experiment_or_error(ledger, experiment_id)
+        if experiment.metric is None:
+            raise ConfigError(f"experiment #{experiment_id} has no metric to reproduce (it ended as {experiment.status})")
+        config = LabConfig(**json.loads(ledger.session(experiment.session_id).config_json))
+        store = SnapshotStore()
+        try:
+            snapshot = store.get(experiment.snapshot or f"missing-{experiment_id}")
+        except SnapshotMissing:
+            raise SnapshotMissing(f"experiment #{experiment_id}'s snapshot {experiment.snapshot} is gone from this "
+                                  "engine (garbage-collected?); import it with `labrat import` to reproduce") from None
+        recorded_evaluator = snapshot.labels.get("evaluator_sha256")
+        if recorded_evaluator is None:
+            raise ConfigError(f"experiment #{experiment_id}'s snapshot does not record its evaluator (an older labrat "
+                              "made it): it cannot be reproduced faithfully")
+        if recorded_evaluator != evaluator_sha256():
+            raise ConfigError(
+                f"experiment #{experiment_id} was evaluated by evaluator {str(recorded_evaluator)[:12]}, this labrat has "
+                f"{evaluator_sha256()[:12]}: a reproduction would not compare like with like (use the labrat version "
+                "that ran it)")
+        progress("preparing the image and data")
+        data = ensure_data(lab, config, progress=progress)
+        for label, key in (("data_sha256", "train_sha256"), ("heldout_sha256", "val_sha256")):
+            if snapshot.labels.get(label) and snapshot.labels[label] != data.meta.get(key):
+                raise ConfigError(f"the lab's data differ from experiment #{experiment_id}'s ({label} mismatch): "
+                                  f"check `data`/`seed` in labrat.toml")
+        image = build_image(gpu=bool(config.gpus), progress=progress)
+        runner = Runner(config, image, data, store, session_id=f"repro{experiment_id}-{secrets.token_hex(2)}")
+        deterministic = config.deterministic_steps is not None
+        tol = tolerance if tolerance is not None else (0.0 if deterministic else DEFAULT_TOLERANCE)
+        progress(f"training #{experiment_id} from {snapshot.name}")
+        trained = runner.train(snapshot)
+        reproduced, reason = None, ""
+        if trained.status != "ok":
+            reason = f"training {trained.status}: {trained.reason}"
+        else:
+            progress(f"evaluating #{experiment_id}")
+            evaluated = runner.evaluate(trained.checkpoint)
+            if not evaluated.ok:
+                reason = f"evaluation failed: {evaluated.reason}"
+            else:
+                reproduced = evaluated.metric
+        ok = reproduced is not None and abs(reproduced - experiment.metric) <= tol
+        if reproduced is not None:
+            delta = reproduced - experiment.metric
+            how = "bit-identical" if delta == 0 else f"delta {delta:+.6g}"
+            reason = f"{how} (tolerance {tol:g}{', deterministic' if deterministic else ''})"
+        result = Reproduction(experiment_id=experiment_id, description=experiment.description,
+                              recorded=experiment.metric, reproduced=reproduced, tolerance=tol,
+                              deterministic=deterministic, ok=ok, reason=reason)
+        ledger.record_event(experiment.session_id, "reproduce", **result.model_dump())
+        log.info("experiment.reproduced", id=experiment_id, ok=ok, recorded=experiment.metric, reproduced=reproduced)
+        return result
+    finally:
+        ledger.close()
