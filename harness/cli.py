@@ -240,6 +240,111 @@ def reproduce(
 
 
 @app.command()
+def regress(
+    experiment_id: Annotated[int | None, typer.Argument(metavar="[ID]", help="The experiment (default: the best).")] = None,
+    best: Annotated[bool, typer.Option("--best", help="Regress the lab's best kept experiment (the default).")] = False,
+    baseline: Annotated[float | None, typer.Option(help="Fail if the reproduced val_bpb is above this.")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Allowed worsening in bpb (default: 0 deterministic, else 0.05).")] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here.")] = None,
+    lab: LabOption = Path("."),
+) -> None:
+    """CI: re-run the best (or ID) from its snapshot; exit 1 on a regression or a missed baseline."""
+    from harness.reproduce import junit_xml
+    from harness.reproduce import regress as run_regress
+
+    if best and experiment_id is not None:
+        raise ConfigError("give an experiment ID or --best, not both")
+    started = time.monotonic()
+    with _status("regression check") as update:
+        result, failures = run_regress(lab, experiment_id, baseline, tolerance, progress=update)
+    if junit:
+        junit.write_text(junit_xml(result, failures, time.monotonic() - started))
+    reproduced = f"{result.reproduced:.6f}" if result.reproduced is not None else "-"
+    out.print(f"#{result.experiment_id} {result.description}: recorded {result.recorded:.6f}, reproduced {reproduced} "
+              f"({result.reason})", highlight=False)
+    for failure in failures:
+        console.print(f"[bold red]FAIL[/] {escape(failure)}", highlight=False)
+    if failures:
+        raise typer.Exit(1)
+    out.print("PASS", highlight=False)
+
+
+@app.command("export")
+def export_command(
+    experiment_id: Annotated[int, typer.Argument(metavar="ID")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The bundle file to write.")],
+    lineage: Annotated[bool, typer.Option("--lineage", help="Also export every ancestor of ID.")] = False,
+    lab: LabOption = Path("."),
+) -> None:
+    """Write ID as one self-contained bundle: snapshot image(s), ledger rows, config, checksums."""
+    from harness.share import export_experiment
+
+    with _status(f"exporting #{experiment_id}"):
+        chain = export_experiment(lab, experiment_id, output, lineage)
+    out.print(f"exported {', '.join(f'#{e.id}' for e in chain)} to {output} ({output.stat().st_size / 1e6:.1f} MB)",
+              highlight=False)
+
+
+@app.command("import")
+def import_command(
+    bundle: Annotated[Path, typer.Argument(help="A file written by `labrat export`.")],
+    lab: LabOption = Path("."),
+) -> None:
+    """Verify a bundle's checksums, load its snapshots and add its experiments to the lab's ledger."""
+    from harness.share import import_bundle
+
+    with _status(f"importing {bundle}"):
+        imported = import_bundle(lab, bundle)
+    for item in imported:
+        state = "as" if item.new else "already here as"
+        out.print(f"imported #{item.original_id} {state} #{item.id}: {item.description}", highlight=False)
+
+
+@app.command()
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed.")] = False,
+    lab: LabOption = Path("."),
+) -> None:
+    """Remove snapshots of discarded and crashed experiments; kept ones, bases and their ancestors stay."""
+    from harness.lab import gc_lab
+
+    report = gc_lab(lab, dry_run)
+    verb = "would remove" if dry_run else "removed"
+    out.print(f"{verb} {len(report.removed)} snapshot(s), {report.bytes_freed / 1e6:.2f} MB; "
+              f"kept {len(report.kept)}", highlight=False)
+    for name in report.removed:
+        out.print(f"  {name}", highlight=False)
+
+
+@app.command("plot")
+def plot_command(
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file.")] = Path("progress.png"),
+    lab: LabOption = Path("."),
+) -> None:
+    """autoresearch's progress chart: val_bpb per experiment, kept ones highlighted, running best, floor."""
+    from harness.reports import plot
+
+    series = plot(lab, output)
+    out.print(f"wrote {output}: {len(series.ids)} experiments, {len(series.kept_ids)} kept", highlight=False)
+
+
+@app.command("report")
+def report_command(
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Markdown file (default: stdout).")] = None,
+    lab: LabOption = Path("."),
+) -> None:
+    """A Markdown summary: the best variant, its diff against the baseline, the lineage, time, tokens, cost."""
+    from harness.reports import report
+
+    text = report(lab)
+    if output:
+        output.write_text(text)
+        out.print(f"wrote {output}", highlight=False)
+    else:
+        out.print(text, end="", highlight=False, markup=False)
+
+
+@app.command()
 def smoke(
     runtime: Annotated[str, typer.Option(help="runc, or runsc for gVisor.")] = "runc",
 ) -> None:

@@ -124,3 +124,31 @@ def rollback(path: Path, experiment_id: int) -> str:
     finally:
         ledger.close()
         os.close(fd)
+
+
+def gc_lab(path: Path, dry_run: bool = False):
+    """Remove the snapshots of discarded and crashed experiments; keep every kept one, every session's
+    base, a pending rollback target and all their ancestors (so each stays restorable)."""
+    from sandbox.snapshots import SnapshotStore
+
+    fd = lock_lab(path)  # a running session's containers stand on its snapshots
+    ledger = open_ledger(path)
+    try:
+        lab_id = ledger.meta("lab_id")
+        if not lab_id:
+            raise ConfigError(f"{path} has no experiments yet: nothing to collect")
+        experiments = ledger.experiments()
+        keep_ids = {e.id for e in experiments if e.status == "keep"}
+        keep_ids |= {s.base_experiment_id for s in ledger.sessions() if s.base_experiment_id}
+        if pending := ledger.meta("next_base"):
+            keep_ids.add(int(pending))
+        store = SnapshotStore()
+        present = {s.name for s in store.list(lab=lab_id)}
+        keep = [e.snapshot for e in experiments if e.id in keep_ids and e.snapshot in present]
+        report = store.gc(keep=keep, dry_run=dry_run, name_prefix=f"{lab_id}-", lab=lab_id)
+        if not dry_run:
+            ledger.record_event(None, "gc", removed=report.removed, bytes_freed=report.bytes_freed)
+        return report
+    finally:
+        ledger.close()
+        os.close(fd)

@@ -103,3 +103,44 @@ def reproduce(lab: Path, experiment_id: int, tolerance: float | None = None,
         return result
     finally:
         ledger.close()
+
+
+def regress(lab: Path, experiment_id: int | None, baseline: float | None, tolerance: float | None,
+            progress: Callable[[str], None] = lambda line: None) -> tuple[Reproduction, list[str]]:
+    """Re-run the best (or the named) experiment; returns the reproduction and the failures (empty: passed).
+
+    A failure is a reproduced metric worse than the recorded one by more than the tolerance, or worse
+    than the baseline. A reproduction that comes out *better* is not a regression."""
+    if experiment_id is None:
+        ledger = open_ledger(lab)
+        best = ledger.best()
+        ledger.close()
+        if best is None:
+            raise ConfigError(f"{lab} has no kept experiment to regress")
+        experiment_id = best.id
+    result = reproduce(lab, experiment_id, tolerance, progress)
+    failures = []
+    if result.reproduced is None:
+        failures.append(f"#{experiment_id} did not reproduce: {result.reason}")
+    else:
+        if result.reproduced > result.recorded + result.tolerance:
+            failures.append(f"#{experiment_id} regressed: val_bpb {result.reproduced:.6f} vs recorded "
+                            f"{result.recorded:.6f} (tolerance {result.tolerance:g})")
+        if baseline is not None and result.reproduced > baseline:
+            failures.append(f"#{experiment_id} misses the baseline: val_bpb {result.reproduced:.6f} > {baseline:g}")
+    return result, failures
+
+
+def junit_xml(result: Reproduction, failures: list[str], seconds: float) -> str:
+    """One JUnit test case per regression check, the format CI systems read."""
+    from xml.etree import ElementTree as ET
+
+    suite = ET.Element("testsuite", name="labrat.regress", tests="1", failures=str(int(bool(failures))),
+                       errors="0", time=f"{seconds:.3f}")
+    case = ET.SubElement(suite, "testcase", classname="labrat.regress", name=f"experiment-{result.experiment_id}",
+                         time=f"{seconds:.3f}")
+    ET.SubElement(case, "system-out").text = (
+        f"{result.description}\nrecorded {result.recorded!r}\nreproduced {result.reproduced!r}\n{result.reason}")
+    if failures:
+        ET.SubElement(case, "failure", message=failures[0]).text = "\n".join(failures)
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True)
