@@ -76,12 +76,11 @@ def run(
     new: Annotated[bool, typer.Option("--new", help="Start a new session even if the last one can be resumed.")] = False,
 ) -> None:
     """Start a research session, or resume the last one if it was interrupted."""
-    from harness.agents import AgentFailed, make_agent
+    from harness.agents import make_agent
     from harness.config import apply_overrides, load_config
     from harness.lab import ensure_lab, read_program
     from harness.progress import LiveView, results_table
-    from harness.session import Session
-    from harness.tools import Toolbox
+    from harness.session import Session, run_agent
 
     ensure_lab(lab)
     config = apply_overrides(load_config(lab), agent=agent, model=model, time_budget=budget,
@@ -90,29 +89,19 @@ def run(
     quiet = console.is_terminal and "LABRAT_LOG_LEVEL" not in os.environ
     logs.configure(file=lab / "logs" / "labrat.log", level="warning" if quiet else None)
     researcher = make_agent(config, read_program(lab))
-    failure = None
     with _status("starting the session") as update:
         session = Session(lab, config, agent=config.agent, model=researcher.model, new_session=new, status=update)
         session.__enter__()
-    try:
-        view = LiveView(console, config.max_experiments, session.data.floor_bpb)
-        session.progress = view
-        action = "resumed" if session.resumed else "started"
-        console.print(f"session {session.session_id} {action} in {lab} ({config.agent} agent, {config.runtime}, "
-                      f"{'GPUs ' + config.gpus if config.gpus else 'CPU'}, {config.time_budget:g} s budget)", highlight=False)
-        with view:
-            try:
-                session.stop = researcher.run(Toolbox(session))
-            except AgentFailed as exc:
-                failure = str(exc)
-        experiments = session.session_experiments()
-    except BaseException as exc:
-        session.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    if failure:
-        session.close(f"agent stopped: {failure}", resumable=True)
-    else:
-        session.__exit__(None, None, None)
+    view = LiveView(console, config.max_experiments, session.data.floor_bpb)
+    session.progress = view
+    action = "resumed" if session.resumed else "started"
+    console.print(f"session {session.session_id} {action} in {lab} ({config.agent} agent, {config.runtime}, "
+                  f"{'GPUs ' + config.gpus if config.gpus else 'CPU'}, {config.time_budget:g} s budget)", highlight=False)
+    with view:
+        failure = run_agent(session, researcher)
+    ledger = open_ledger(lab)
+    experiments = ledger.experiments(session.session_id)
+    ledger.close()
     out.print(results_table(experiments, title=f"session {session.session_id}"))
     out.print(f"results: {lab / 'results.tsv'}; stop: {failure or session.stop}", highlight=False)
     if failure:

@@ -27,7 +27,7 @@ from pathlib import Path
 import structlog
 
 from harness import history
-from harness.config import ConfigError, LabConfig
+from harness.config import LabConfig
 from harness.data import ensure_data
 from harness.lab import LEDGER_FILE, lock_lab
 from harness.ledger import Experiment, Ledger
@@ -407,3 +407,25 @@ class Session:
                    else f"discarded (not better than {best}); the workspace was reset to it")
         return (f"experiment #{e.id}: val_bpb {e.metric:.6f}{gap}; training {e.train_seconds or 0:.1f} s{memory}. "
                 f"{verdict}.")
+
+
+def run_agent(session: Session, agent) -> str | None:
+    """Let the agent work until the session must stop, then close the session: resumable when the agent
+    failed (the API kept failing) or an exception escaped. Returns the agent's failure, or None."""
+    from harness.agents import AgentFailed
+    from harness.tools import Toolbox
+
+    failure = None
+    try:
+        try:
+            session.stop = agent.run(Toolbox(session))
+        except AgentFailed as exc:
+            failure = str(exc)
+    except BaseException as exc:
+        session.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if failure:
+        session.close(f"agent stopped: {failure}", resumable=True)
+    else:
+        session.__exit__(None, None, None)
+    return failure

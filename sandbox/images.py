@@ -8,7 +8,6 @@ Everything slow is cached under `cache_dir()` and every step is skipped when its
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import shutil

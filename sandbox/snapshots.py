@@ -26,7 +26,7 @@ import docker.errors
 import structlog
 from pydantic import BaseModel
 
-from sandbox.engine import LABEL_PREFIX, client, engine_errors, owner_labels
+from sandbox.engine import client, engine_errors, owner_labels
 from sandbox.errors import SandboxError, SnapshotMissing
 from sandbox.policy import SandboxPolicy
 from sandbox.sandbox import Sandbox

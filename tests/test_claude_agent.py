@@ -21,14 +21,13 @@ import docker
 import pytest
 
 from harness import logs
-from harness.agents import AgentFailed
 from harness.agents import claude as claude_module
 from harness.agents.claude import ClaudeAgent, usage_cost
 from harness.config import ConfigError, load_config
 from harness.lab import LEDGER_FILE, read_program
 from harness.ledger import Ledger
-from harness.session import Session
-from harness.tools import TOOLS, Toolbox
+from harness.session import Session, run_agent
+from harness.tools import TOOLS
 from sandbox.engine import LABEL_OWNER_PID, LABEL_ROLE, LABEL_SESSION, client, owner_labels
 from sandbox.snapshots import SnapshotStore
 from tests.conftest import SESSION
@@ -79,21 +78,8 @@ def run_session(lab: Path) -> Outcome:
     agent = ClaudeAgent(config, read_program(lab))
     session = Session(lab, config, agent=config.agent, model=agent.model)
     session.__enter__()
-    failure = None
-    try:
-        try:
-            session.stop = agent.run(Toolbox(session))
-        except AgentFailed as exc:
-            failure = str(exc)
-        outcome = Outcome(session.stop, failure, session.session_id, session.lab_id, session.resumed)
-    except BaseException as exc:
-        session.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    if failure:
-        session.close(f"agent stopped: {failure}", resumable=True)
-    else:
-        session.__exit__(None, None, None)
-    return outcome
+    failure = run_agent(session, agent)
+    return Outcome(session.stop, failure, session.session_id, session.lab_id, session.resumed)
 
 
 def ledger_of(lab: Path) -> Ledger:

@@ -1,6 +1,5 @@
 """The ledger on a real SQLite file: transactions, recovery after a kill, results.tsv."""
 
-import os
 import signal
 import subprocess
 import sys
