@@ -162,3 +162,15 @@ def test_plot_and_report(lab, tmp_path):
     assert f"#{best.id}: val_bpb **{best.metric:.6f}**" in report
     assert "## Lineage of kept changes" in report and "```diff" in report
     assert best.description in report
+
+
+def test_reproduce_refuses_under_another_evaluator(lab, monkeypatch):
+    """A labrat whose evaluation code differs must not claim to reproduce a result. A second labrat version
+    cannot be installed inside a test, so this one stands in by reporting another evaluator hash."""
+    import harness.reproduce
+    from harness.config import ConfigError
+
+    _, best = experiments(lab)
+    monkeypatch.setattr(harness.reproduce, "evaluator_sha256", lambda: "0" * 64)
+    with pytest.raises(ConfigError, match="evaluated by evaluator .* this labrat has 000000000000"):
+        harness.reproduce.reproduce(lab, best.id)
