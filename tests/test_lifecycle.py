@@ -15,8 +15,9 @@ from tests.conftest import SESSION
 
 ROOT = Path(__file__).parent.parent
 HOLDER = """
-import sys, time
+import signal, sys, time
 from sandbox.sandbox import Sandbox, interrupt_on_sigterm
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
 interrupt_on_sigterm()
 box = Sandbox.start(session=sys.argv[1])
 print(box.name, flush=True)

@@ -129,13 +129,20 @@ def test_gc_removes_discards_and_keeps_what_must_restore(lab):
     done = labrat("gc", "--lab", str(lab))
     assert done.returncode == 0, done.stderr
     ledger = Ledger(lab / "ledger.db")
-    bases = {s.base_experiment_id for s in ledger.sessions()}
+    rows = ledger.experiments()  # with the rollback test's branch
+    needed = {s.base_experiment_id for s in ledger.sessions()} | {e.id for e in rows if e.status == "keep"}
     ledger.close()
+    by_id = {e.id: e for e in rows}
+    for e in list(needed):  # ancestors of what stays must stay, or it could not be restored
+        while (e := by_id[e].parent_id) is not None:
+            needed.add(e)
     for e in rows:
-        if e.status == "keep" or e.id in bases:
+        if e.id in needed:
             assert store.get(e.snapshot)  # still restorable
-        elif e in discarded:
+            assert e.snapshot not in done.stdout
+        elif e.snapshot:
             assert e.snapshot in done.stdout
+    bases = needed
     with store.restore(best.snapshot, session=f"pytest{os.getpid()}") as box:
         assert box.read_text("trainer/train.py") == json.loads(best.sources_json)["trainer/train.py"]
     gone = next(e for e in discarded if e.id not in bases)
