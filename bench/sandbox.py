@@ -11,10 +11,8 @@ and removed at the end (also on an error or Ctrl-C); sandboxes are always closed
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
-import logging
 import os
 import platform
 import statistics
@@ -24,17 +22,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import structlog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# The store logs every snapshot at info level: a 1000-step lineage would bury the progress bar.
-structlog.configure(
-    wrapper_class=structlog.make_filtering_bound_logger(
-        getattr(logging, os.environ.get("LABRAT_LOG_LEVEL", "warning").upper(), logging.WARNING)),
-    logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-)
+from harness import logs  # noqa: E402
+
+# The store logs every snapshot at info level: it would bury the progress display.
+logs.configure(level=os.environ.get("LABRAT_LOG_LEVEL", "warning"))
 
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402

@@ -32,7 +32,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import logging
 import os
 import platform
 import shutil
@@ -40,19 +39,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import structlog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-structlog.configure(
-    wrapper_class=structlog.make_filtering_bound_logger(
-        getattr(logging, os.environ.get("LABRAT_LOG_LEVEL", "warning").upper(), logging.WARNING)),
-    logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-)
+from harness import logs  # noqa: E402
+
+# The store logs every snapshot at info level: it would bury the progress display.
+logs.configure(level=os.environ.get("LABRAT_LOG_LEVEL", "warning"))
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -215,9 +213,32 @@ def image_malloc_env(image: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith("MALLOC_")}
 
 
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run that stays interruptible: a SIGTERM delivered to another thread of this process
+    would not wake a blocking wait, so the wait polls; the child is killed when the loop is interrupted."""
+    stdout = kwargs.pop("stdout", subprocess.PIPE)
+    with tempfile.TemporaryFile() as captured:
+        proc = subprocess.Popen(cmd, stdout=captured if stdout is subprocess.PIPE else stdout,
+                                stderr=kwargs.pop("stderr", subprocess.DEVNULL), **kwargs)
+        # The wait runs on a thread; joining it returns the moment the child exits (no polling delay in
+        # the measured times) and still lets the main thread take a signal every half second.
+        waiter = threading.Thread(target=proc.wait, daemon=True)
+        waiter.start()
+        try:
+            while waiter.is_alive():
+                waiter.join(0.5)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        captured.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, captured.read().decode("utf-8", "replace"), None)
+
+
 def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", *args], cwd=repo,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", *args], cwd=repo)
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed (exit {done.returncode})")
 
 
 def sha256(path: Path) -> str:
@@ -234,8 +255,8 @@ def run_bare(root: Path, sources: list[tuple[str, str]], budget: float, eval_tok
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "trainer as shipped")
     setup = time.monotonic()
-    subprocess.run([python, "-m", "trainer.prepare", "--out", str(data), "--seed", str(SEED)], cwd=repo, check=True,
-                   stdout=subprocess.DEVNULL, env=env)
+    if run([python, "-m", "trainer.prepare", "--out", str(data), "--seed", str(SEED)], cwd=repo, env=env).returncode:
+        raise RuntimeError("python -m trainer.prepare failed on the host")
     prepare_s = time.monotonic() - setup
     # The same tokens the lab trained and evaluated on (trainer/prepare.py is deterministic in its seed).
     if sha256(data / "train.bin") != sha256(labrat["train_dir"] / "train.bin") or \
@@ -251,18 +272,16 @@ def run_bare(root: Path, sources: list[tuple[str, str]], budget: float, eval_tok
         git(repo, "commit", "-qam", description, "--allow-empty")
         t0 = time.monotonic()
         with open(out / "run.log", "wb") as log_file:
-            trained = subprocess.run([python, "-m", "trainer.train", "--config", TRAINER_CONFIG, "--data", str(data),
-                                      "--out", str(out), "--device", "cpu", "--seed", str(SEED),
-                                      "--time-budget", f"{budget:g}"],
-                                     cwd=repo, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            trained = run([python, "-m", "trainer.train", "--config", TRAINER_CONFIG, "--data", str(data),
+                           "--out", str(out), "--device", "cpu", "--seed", str(SEED), "--time-budget", f"{budget:g}"],
+                          cwd=repo, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         train_s = time.monotonic() - t0
         metric, eval_s = None, 0.0
         if trained.returncode == 0:
             t0 = time.monotonic()
-            evaluated = subprocess.run([python, "-m", "trainer.evaluate", "--checkpoint", str(out / "ckpt.pt"),
-                                        "--data", str(data), "--eval-tokens", str(eval_tokens), "--seq-len",
-                                        str(seq_len), "--device", "cpu"],
-                                       cwd=repo, capture_output=True, text=True, env=env)
+            evaluated = run([python, "-m", "trainer.evaluate", "--checkpoint", str(out / "ckpt.pt"), "--data",
+                             str(data), "--eval-tokens", str(eval_tokens), "--seq-len", str(seq_len), "--device", "cpu"],
+                            cwd=repo, env=env)
             eval_s = time.monotonic() - t0
             with contextlib.suppress(ValueError, IndexError, AttributeError):
                 metric = json.loads(evaluated.stdout.strip().splitlines()[-1]).get("val_bpb")

@@ -389,7 +389,7 @@ class Sandbox:
 
     def _oom_count(self) -> int:
         """The container cgroup's OOM-kill counter (cgroup v1 or v2), read from the host; 0 if unreadable."""
-        for path in _cgroup_memory_files(self.container.id):
+        for path in _cgroup_files(self.container.id, "memory.oom_control", "memory.events"):
             with contextlib.suppress(OSError, ValueError):
                 text = Path(path).read_text()
                 for line in text.splitlines():
@@ -400,7 +400,7 @@ class Sandbox:
 
     def peak_memory_bytes(self) -> int | None:
         """The container's peak memory use so far, read from its cgroup on the host (None if unreadable)."""
-        for path in _cgroup_peak_files(self.container.id):
+        for path in _cgroup_files(self.container.id, "memory.max_usage_in_bytes", "memory.peak"):
             with contextlib.suppress(OSError, ValueError):
                 return int(Path(path).read_text().split()[0])
         return None
@@ -486,22 +486,13 @@ def _send_input(raw_socket, data: bytes) -> None:
         raw_socket.shutdown(socket.SHUT_WR)
 
 
-def _cgroup_memory_files(container_id: str) -> list[str]:
-    # cgroup v1 (cgroupfs or systemd driver), then v2; the first readable one wins.
+def _cgroup_files(container_id: str, v1_name: str, v2_name: str) -> list[str]:
+    """Where a container's memory cgroup file lives: cgroup v1 (cgroupfs or systemd driver), then v2."""
     return [
-        f"/sys/fs/cgroup/memory/docker/{container_id}/memory.oom_control",
-        f"/sys/fs/cgroup/memory/system.slice/docker-{container_id}.scope/memory.oom_control",
-        f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/memory.events",
-        f"/sys/fs/cgroup/docker/{container_id}/memory.events",
-    ]
-
-
-def _cgroup_peak_files(container_id: str) -> list[str]:
-    return [
-        f"/sys/fs/cgroup/memory/docker/{container_id}/memory.max_usage_in_bytes",
-        f"/sys/fs/cgroup/memory/system.slice/docker-{container_id}.scope/memory.max_usage_in_bytes",
-        f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/memory.peak",
-        f"/sys/fs/cgroup/docker/{container_id}/memory.peak",
+        f"/sys/fs/cgroup/memory/docker/{container_id}/{v1_name}",
+        f"/sys/fs/cgroup/memory/system.slice/docker-{container_id}.scope/{v1_name}",
+        f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/{v2_name}",
+        f"/sys/fs/cgroup/docker/{container_id}/{v2_name}",
     ]
 
 
