@@ -34,6 +34,7 @@ class LabConfig(BaseModel):
     keep_rule: Literal["better", "better_by"] = "better"
     min_improvement: float = Field(0.0, ge=0, description="bpb a result must gain to be kept, with better_by")
     memory_gb: float = Field(4.0, gt=0)
+    disk_gb: float = Field(4.0, gt=0, description="GiB a container may add to its writable layer (bounds every snapshot)")
     cpus: float | None = Field(None, gt=0)
     eval_tokens: int = Field(131_072, ge=1024, description="held-out tokens scored per evaluation")
     eval_timeout: float = Field(600.0, gt=0, description="seconds the evaluation may take")

@@ -28,6 +28,14 @@ held-out text) within a fixed wall-clock training budget. Lower is better.
 """
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Replace a lab file in one step: a reader (or a harness killed mid-write) sees the old or the new
+    contents, never half of them."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def _toml_value(value) -> str:
     # labrat.toml holds scalars only: json's quoting of strings is valid TOML.
     if isinstance(value, bool):

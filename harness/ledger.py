@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from harness import failpoints
+
 Status = Literal["running", "keep", "discard", "crash", "timeout"]
 SCHEMA_VERSION = 2
 # Columns added after version 1: a ledger made by an older labrat gets them on open (ALTER TABLE ADD COLUMN).
@@ -256,7 +258,14 @@ class Ledger:
             if status == "keep":
                 db.execute("UPDATE sessions SET base_experiment_id = ? WHERE id = "
                            "(SELECT session_id FROM experiments WHERE id = ?)", (experiment_id, experiment_id))
+            failpoints.reach("ledger.before_commit")
         return self.experiment(experiment_id)
+
+    def set_snapshot(self, experiment_id: int, name: str, image_id: str) -> None:
+        """Record the snapshot of an experiment that ended without one in its row (a killed harness)."""
+        with self.transaction() as db:
+            db.execute("UPDATE experiments SET snapshot = ?, snapshot_image_id = ? WHERE id = ? AND snapshot IS NULL",
+                       (name, image_id, experiment_id))
 
     def recover_interrupted(self, reason: str = "harness stopped during the experiment") -> list[int]:
         """Mark experiments left `running` by a killed harness as crashed. Returns their ids."""

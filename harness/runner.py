@@ -27,6 +27,7 @@ from typing import Literal
 import structlog
 from pydantic import BaseModel
 
+from harness import failpoints
 from harness.config import LabConfig
 from harness.data import PreparedData
 from sandbox.errors import SandboxError
@@ -102,7 +103,7 @@ class Runner:
         self.session_id = session_id
         self.work_policy = SandboxPolicy(
             image=image, runtime=config.runtime, gpus=config.gpus, memory_bytes=int(config.memory_gb * 1024**3),
-            cpus=config.cpus, ro_mounts={TRAIN_DATA: str(data.train_dir)},
+            disk_bytes=int(config.disk_gb * 1024**3), cpus=config.cpus, ro_mounts={TRAIN_DATA: str(data.train_dir)},
         )
         # The driver needs SETUID/SETGID to run the model as the agent's user and KILL to stop it; the
         # agent's code never runs as root here. /tmp holds the checkpoint and the held-out tokens.
@@ -135,12 +136,15 @@ class Runner:
         timings = {} if timings is None else timings
         with timed(timings, "train_start"):
             box = self.store.restore(snapshot, self.work_policy, session=self.session_id, role="train")
+        failpoints.reach("train.container_started")
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(box.close_later)
             phase("training", limit)
             on_start()
+            failpoints.reach("train.running")
             with timed(timings, "train"):
                 run = box.exec(self.train_command(out_dir), timeout=limit)
+            failpoints.reach("train.finished")
             seconds = run.duration
             log_text = run.stdout + ("\n" + run.stderr if run.stderr.strip() else "")
             peak = box.peak_memory_bytes()
@@ -161,6 +165,7 @@ class Runner:
                     checkpoint = box.read_file(f"{out_dir}/ckpt.pt", max_bytes=CHECKPOINT_LIMIT)
                 except SandboxError as exc:
                     return TrainingResult(status="crash", reason=f"training wrote no usable checkpoint: {exc}", **base)
+                failpoints.reach("train.checkpoint_copied")
                 summary = None
                 with contextlib.suppress(SandboxError, ValueError):
                     summary = json.loads(summary_read.result())
@@ -187,6 +192,8 @@ class Runner:
                 box = self.start_eval_box()
         try:
             phase("evaluating", self.config.eval_timeout)
+            failpoints.reach("eval.started")
+            failpoints.reach("eval.running")
             with timed(timings, "eval"):
                 run = box.exec(script, input=_tar(files), user="root", timeout=self.config.eval_timeout)
         finally:

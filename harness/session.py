@@ -26,10 +26,10 @@ from pathlib import Path
 
 import structlog
 
-from harness import history
+from harness import failpoints, history
 from harness.config import LabConfig
 from harness.data import ensure_data
-from harness.lab import LEDGER_FILE, lock_lab
+from harness.lab import LEDGER_FILE, lock_lab, write_atomically
 from harness.ledger import Experiment, Ledger
 from harness.runner import Runner, evaluator_sha256, timed
 from sandbox.engine import reap_orphans
@@ -112,15 +112,19 @@ class Session:
 
     def _open(self) -> None:
         self._lock()
+        failpoints.reach("session.locked")
         self.ledger = Ledger(self.lab / LEDGER_FILE)
         self.lab_id = self.ledger.meta("lab_id") or self._new_lab_id()
         reap_orphans()
+        self.store = SnapshotStore()
         if crashed := self.ledger.recover_interrupted():
             log.warning("session.recovered", crashed=crashed)
+            self._adopt_snapshots(crashed)
+        write_atomically(self.lab / RESULTS_FILE, self.ledger.results_tsv())  # a kill may have beaten its rewrite
+        failpoints.reach("session.recovered")
         self.status("building the sandbox image (first run only)")
         self.image = build_image(gpu=bool(self.config.gpus), progress=self.status)
         self.data = ensure_data(self.lab, self.config, progress=self.status)
-        self.store = SnapshotStore()
         last = self.ledger.last_session()
         if last and last.resumable and not self.new_session:
             self.session = self.ledger.reopen_session(last.id)
@@ -139,14 +143,24 @@ class Session:
                 base_experiment_id=best.id if best else None)
             self.resumed = False
             log.info("session.started", session=session_id, base=best.id if best else None)
+        failpoints.reach("session.opened")
         self.runner = Runner(self.config, self.image, self.data, self.store, self.session_id)
         self.replace_working_box()
+        failpoints.reach("session.box_started")
         if self.session.root_sources_json is None:
             sources = self._read_sources({}) if self.session.base_experiment_id is None else self.sources(
                 self.session.base_experiment_id)
             with self.ledger.transaction() as db:
                 db.execute("UPDATE sessions SET root_sources_json = ? WHERE id = ?", (json.dumps(sources), self.session_id))
             self.session = self.ledger.session(self.session_id)
+
+    def _adopt_snapshots(self, crashed: list[int]) -> None:
+        """A harness killed between committing a candidate and recording it leaves a snapshot the ledger
+        does not name: record it on the crashed row, so it can be inspected and is not leaked in the store."""
+        for experiment_id in crashed:
+            with contextlib.suppress(SandboxError, KeyError):
+                snapshot = self.store.get(f"{self.lab_id}-e{experiment_id:05d}")
+                self.ledger.set_snapshot(experiment_id, snapshot.name, snapshot.image_id)
 
     def _new_lab_id(self) -> str:
         lab_id = f"lab{secrets.token_hex(4)}"
@@ -166,6 +180,7 @@ class Session:
             if self.box:
                 self.box.close()
         if hasattr(self, "session"):
+            failpoints.reach("session.closing")
             if any(self.pending_usage):  # tokens spent after the last experiment: kept, never attributed to one
                 self.ledger.record_event(self.session_id, "unattributed_usage", tokens_in=self.pending_usage[0],
                                          tokens_out=self.pending_usage[1], cost_usd=self.pending_usage[2])
@@ -300,6 +315,7 @@ class Session:
         base = self.base
         parent_sources = self.sources(base.id) if base else json.loads(self.session.root_sources_json or "{}")
         experiment_id = self.ledger.begin_experiment(self.session_id, base.id if base else None, description)
+        failpoints.reach("experiment.begun")
         tokens_in, tokens_out, cost = self.pending_usage
         self.pending_usage = [0, 0, 0.0]
         self.calls_since_experiment = 0
@@ -321,6 +337,7 @@ class Session:
                         "config": self.config.model_dump_json(),
                     })
                 fields.update(snapshot=snapshot.name, snapshot_image_id=snapshot.image_id)
+                failpoints.reach("experiment.snapshot_taken")
                 sources = pool.submit(self._read_sources, parent_sources)
 
                 def while_training() -> None:
@@ -334,6 +351,7 @@ class Session:
                     fields.update(sources_json=json.dumps(sources.result()),
                                   diff=history.unified_diff(parent_sources, sources.result(),
                                                             f"#{base.id}" if base else "base", f"#{experiment_id}"))
+                failpoints.reach("experiment.sources_read")
             except SandboxError as exc:
                 self._finish(experiment_id, "crash", started, {**fields, "log_tail": f"labrat: {exc}"})
                 if isinstance(exc, EngineUnavailable):
@@ -355,6 +373,7 @@ class Session:
                 else:
                     self.box.close_later()
                     self.box = next_box
+            failpoints.reach("experiment.box_swapped")
         self.last_timings = timings  # the reset happens after the row is written; benchmarks read it here
         return experiment
 
@@ -370,6 +389,7 @@ class Session:
         with timed(timings, "eval_start"):
             eval_box = standby.take("eval")  # None if training failed before it started: evaluate() starts one
         evaluated = self.runner.evaluate(trained.checkpoint, phase=self.progress.phase, timings=timings, box=eval_box)
+        failpoints.reach("eval.finished")
         fields["eval_json"] = json.dumps(evaluated.result) if evaluated.result else None
         if not evaluated.ok:
             fields["log_tail"] = f"evaluation: {evaluated.reason}\n{trained.log_tail}"
@@ -388,7 +408,9 @@ class Session:
         experiment = self.ledger.finish_experiment(experiment_id, status, seconds=round(time.monotonic() - started, 3),
                                                    timings_json=json.dumps(timings), **fields)
         self.experiments_run += 1
-        (self.lab / RESULTS_FILE).write_text(self.ledger.results_tsv())
+        failpoints.reach("experiment.recorded")
+        write_atomically(self.lab / RESULTS_FILE, self.ledger.results_tsv())
+        failpoints.reach("experiment.results_written")
         log.info("experiment.finished", id=experiment_id, status=status, metric=experiment.metric,
                  seconds=experiment.seconds)
         self.progress.experiment_finished(experiment)

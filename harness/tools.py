@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness import history
+from harness import failpoints, history
 from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxClosed, SandboxError
 from sandbox.sandbox import safe_text, workspace_relpath
 
@@ -125,10 +125,12 @@ class Toolbox:
 
     def call(self, name: str, raw_input: object) -> ToolResult:
         started = time.monotonic()
+        failpoints.reach("tool.before")
         result = self._dispatch(name, raw_input)
         result = ToolResult(text=clip(result.text), is_error=result.is_error)
         self.session.record_tool_call(name, raw_input if isinstance(raw_input, dict) else {"raw": raw_input},
                                       result, time.monotonic() - started)
+        failpoints.reach("tool.recorded")
         return result
 
     def _dispatch(self, name: str, raw_input: object) -> ToolResult:

@@ -1,0 +1,85 @@
+"""The attacker's seat: a real session (working container, ledger, snapshot store) driven only through
+the tools an agent gets (bash, the file editor, run_experiment, the history tools), under runc and gVisor.
+
+Each test module gets one session per runtime; an attack that breaks the working container leaves the
+next test a fresh one (run_experiment resets it, and `Attacker.fresh_box()` does so explicitly).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from harness.config import LabConfig
+from harness.ledger import Experiment
+from harness.session import Session
+from harness.tools import ToolResult, Toolbox
+from sandbox.snapshots import SnapshotStore
+from tests.conftest import _runsc_skip_reason
+
+EDIT = "str_replace_based_edit_tool"
+TRAIN = "trainer/train.py"
+# Small limits, so that bombs and floods hit them in seconds; a short budget, so experiments are quick.
+ATTACK_LAB = LabConfig(time_budget=2, grace=10, eval_tokens=4096, max_experiments=100, max_tool_calls=1000,
+                       memory_gb=1, disk_gb=0.25)
+
+
+class Attacker:
+    """An untrusted agent: it has the tools and nothing else."""
+
+    def __init__(self, toolbox: Toolbox, runtime: str):
+        self.toolbox = toolbox
+        self.runtime = runtime
+
+    @property
+    def session(self) -> Session:
+        return self.toolbox.session
+
+    def call(self, name: str, tool_input: object) -> ToolResult:
+        return self.toolbox.call(name, tool_input)
+
+    def bash(self, command: str, timeout: int | None = None) -> ToolResult:
+        return self.call("bash", {"command": command} | ({"timeout": timeout} if timeout else {}))
+
+    def edit(self, command: str, path: str, **fields) -> ToolResult:
+        return self.call(EDIT, {"command": command, "path": path, **fields})
+
+    def patch_train(self, old: str, new: str) -> None:
+        """Edit train.py (the one file the agent is meant to change); the edit itself must succeed."""
+        result = self.edit("str_replace", TRAIN, old_str=old, new_str=new)
+        assert not result.is_error, result.text
+
+    def run_experiment(self, description: str) -> Experiment:
+        """run_experiment through the tool; returns the ledger's row for it (the record that counts)."""
+        result = self.call("run_experiment", {"description": description})
+        experiment = self.session.ledger.experiments()[-1]
+        assert f"#{experiment.id}" in result.text, result.text
+        return experiment
+
+    def fresh_box(self) -> None:
+        """A new working container of the session's base (after an attack that killed the old one)."""
+        self.session.replace_working_box()
+
+
+@pytest.fixture(scope="module", params=["runc", pytest.param("runsc", marks=pytest.mark.runsc)])
+def attacker(request, tmp_path_factory) -> Attacker:
+    runtime = request.param
+    if runtime == "runsc" and (reason := _runsc_skip_reason()):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the gVisor tests: {reason}")
+        pytest.skip(reason)
+    lab = tmp_path_factory.mktemp(f"attack-{runtime}")
+    config = ATTACK_LAB.model_copy(update={"runtime": runtime})
+    with Session(lab, config, agent="attacker") as session:
+        yield Attacker(Toolbox(session), runtime)
+    SnapshotStore().gc(keep=[], name_prefix=session.lab_id)
+
+
+@pytest.fixture
+def attack(attacker) -> Attacker:
+    """The module's attacker, with a working container of the base that no earlier attack has touched."""
+    if attacker.session.box_is_dead() or attacker.session.calls_since_experiment:
+        attacker.fresh_box()
+    attacker.session.calls_since_experiment = 0
+    return attacker
