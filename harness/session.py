@@ -32,7 +32,7 @@ from harness.data import ensure_data
 from harness.lab import LEDGER_FILE, lock_lab, write_atomically
 from harness.ledger import Experiment, Ledger
 from harness.runner import Runner, evaluator_sha256, timed
-from sandbox.engine import reap_orphans
+from sandbox.engine import remove_stopped, reap_orphans, wait_for_engine
 from sandbox.errors import EngineUnavailable, SandboxError
 from sandbox.images import build_image
 from sandbox.sandbox import Sandbox, safe_text
@@ -45,6 +45,7 @@ WORKSPACE = "/workspace"
 SOURCE_LIMIT = 256 * 1024  # per file kept in the ledger for diffs
 SOURCE_FILES_LIMIT = 50  # changed files read per experiment
 IGNORED_PARTS = ("__pycache__", ".labrat-run-", ".cache", ".ipynb_checkpoints")
+ENGINE_WAIT_SECONDS = 300  # how long a session waits for a restarted Docker engine before it stops (resumable)
 
 
 class Progress:
@@ -269,6 +270,15 @@ class Session:
             self.box = None
         self.box = self._start_box_of(self.base)
 
+    def restore_working_box(self) -> None:
+        """After the working container died, or the engine went away (restarted, crashed): wait for the
+        engine, remove this session's containers that stopped with it, and start a fresh working container
+        of the base. Raises EngineUnavailable if the engine is not back within ENGINE_WAIT_SECONDS."""
+        wait_for_engine(ENGINE_WAIT_SECONDS)
+        if removed := remove_stopped(self.session_id):
+            log.warning("session.removed_stopped_containers", names=removed)
+        self.replace_working_box()
+
     def _start_box_of(self, experiment: Experiment | None) -> Sandbox:
         """A working container of an experiment's snapshot, or of the sandbox image for None."""
         if experiment is None:
@@ -355,9 +365,11 @@ class Session:
             except SandboxError as exc:
                 self._finish(experiment_id, "crash", started, {**fields, "log_tail": f"labrat: {exc}"})
                 if isinstance(exc, EngineUnavailable):
-                    raise
-                with contextlib.suppress(SandboxError):
-                    self.replace_working_box()
+                    log.warning("session.engine_lost", experiment=experiment_id, error=str(exc))
+                    self.restore_working_box()  # the engine restarted: the session goes on once it is back
+                else:
+                    with contextlib.suppress(SandboxError):
+                        self.replace_working_box()
                 return self.ledger.experiment(experiment_id)
             except BaseException:
                 self._finish(experiment_id, "crash", started, {**fields, "log_tail": "labrat: interrupted"})
@@ -368,8 +380,11 @@ class Session:
                     next_box = standby.take("keep" if status == "keep" else "discard")
                 except SandboxError:
                     next_box = None
-                if next_box is None:
-                    self.replace_working_box()
+                if next_box is None or not next_box.is_running():
+                    # Not started, or it stopped since (the engine restarted during training).
+                    if next_box is not None:
+                        next_box.close_later()
+                    self.restore_working_box()
                 else:
                     self.box.close_later()
                     self.box = next_box

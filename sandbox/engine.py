@@ -8,6 +8,7 @@ import contextlib
 import functools
 import os
 import socket
+import time
 
 import docker
 import docker.errors
@@ -92,6 +93,35 @@ def client() -> docker.DockerClient:
 def reset_client() -> None:
     """Forget cached clients (after DOCKER_HOST changes, or the daemon restarted)."""
     _client_for.cache_clear()
+
+
+def wait_for_engine(seconds: float) -> None:
+    """Return once the engine answers a ping (at once if it does now); EngineUnavailable after `seconds`.
+    A restarted dockerd takes ~20 s to come back; a session waits for it rather than giving up."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with engine_errors():
+                client().ping()
+            return
+        except EngineUnavailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1)
+
+
+def remove_stopped(session: str) -> list[str]:
+    """Remove the session's containers that are no longer running (killed with a restarted engine).
+    Returns their names."""
+    removed = []
+    with engine_errors():
+        for row in client().api.containers(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
+            if row.get("State") == "running":
+                continue
+            with contextlib.suppress(docker.errors.NotFound):
+                client().api.remove_container(row["Id"], force=True)
+            removed.append(row["Names"][0].lstrip("/"))
+    return removed
 
 
 def require_runtime(name: str) -> None:

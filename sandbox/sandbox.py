@@ -346,6 +346,15 @@ class Sandbox:
         self._last_disk_check = now
         return True
 
+    def is_running(self) -> bool:
+        """Whether the container still runs (one engine call); False once it stopped, died or was closed."""
+        if self._closed or self._dead_reason:
+            return False
+        with engine_errors(), contextlib.suppress(docker.errors.NotFound):
+            self.container.reload()
+            return bool(self.container.attrs.get("State", {}).get("Running"))
+        return False
+
     def _check_alive(self, settle: float = 0.5) -> str | None:
         """None while the container runs; else records and returns why it stopped ("memory" or "died").
 
