@@ -334,6 +334,25 @@ def report_command(
 
 
 @app.command()
+def doctor(
+    lab: Annotated[Path | None, typer.Option("--lab", help="Also check this lab: its disk, and its runtime and GPU "
+                                                           "settings.")] = None,
+) -> None:
+    """Check this machine: engine, gVisor, GPUs, free disk, snapshot layers, insecure setups, a hardened sandbox."""
+    from harness.doctor import Level, run_checks
+
+    styles = {Level.OK: "green", Level.INFO: "cyan", Level.WARN: "yellow", Level.ERROR: "bold red"}
+    failed = False
+    for finding in run_checks(lab):
+        level = finding.level
+        out.print(f"[{styles[level]}]{level.value:<6}[/]{escape(finding.check)}: {escape(finding.message)}",
+                  highlight=False, soft_wrap=True)
+        failed = failed or level is Level.ERROR
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def smoke(
     runtime: Annotated[str, typer.Option(help="runc, or runsc for gVisor.")] = "runc",
 ) -> None:
