@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -412,6 +414,20 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("labrat: interrupted; containers removed", highlight=False)
         sys.exit(130)
+    except (OSError, sqlite3.Error) as exc:
+        if not _is_disk_full(exc):
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        console.print(f"[bold red]labrat: error:[/] the disk is full{where}: {escape(str(exc))}; free space and run "
+                      "again (the ledger keeps every finished experiment; `labrat run` resumes)",
+                      highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(exc)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,12 @@ def write_atomically(path: Path, text: str) -> None:
     """Replace a lab file in one step: a reader (or a harness killed mid-write) sees the old or the new
     contents, never half of them."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _toml_value(value) -> str:

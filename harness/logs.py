@@ -22,9 +22,16 @@ class _FileTee:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
         self.console_level = console_level
+        self.failed = False
 
     def __call__(self, logger, method_name, event_dict):
-        self.file.write(jsonlib.dumps(event_dict, default=str) + "\n")
+        if not self.failed:
+            try:
+                self.file.write(jsonlib.dumps(event_dict, default=str) + "\n")
+            except OSError as exc:  # a full disk must not turn every log call into a crash
+                self.failed = True
+                print(f"labrat: warning: cannot write {self.file.name}: {exc.strerror}; file logging stopped",
+                      file=sys.stderr)
         if logging.getLevelNamesMapping().get(method_name.upper(), logging.INFO) < self.console_level:
             raise structlog.DropEvent
         return event_dict

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -180,17 +181,23 @@ class Session:
         with contextlib.suppress(Exception):
             if self.box:
                 self.box.close()
-        if hasattr(self, "session"):
-            failpoints.reach("session.closing")
-            if any(self.pending_usage):  # tokens spent after the last experiment: kept, never attributed to one
-                self.ledger.record_event(self.session_id, "unattributed_usage", tokens_in=self.pending_usage[0],
-                                         tokens_out=self.pending_usage[1], cost_usd=self.pending_usage[2])
-            self.ledger.recover_interrupted(f"harness stopped during the experiment: {reason}")
-            self.ledger.end_session(self.session_id, reason, resumable=resumable)
-            self.ledger.record_event(self.session_id, "session_end", reason=reason, resumable=resumable)
-        if hasattr(self, "ledger"):
-            self.ledger.close()
-        self._release()
+        try:
+            if hasattr(self, "session"):
+                failpoints.reach("session.closing")
+                if any(self.pending_usage):  # tokens spent after the last experiment: kept, never attributed to one
+                    self.ledger.record_event(self.session_id, "unattributed_usage", tokens_in=self.pending_usage[0],
+                                             tokens_out=self.pending_usage[1], cost_usd=self.pending_usage[2])
+                self.ledger.recover_interrupted(f"harness stopped during the experiment: {reason}")
+                self.ledger.end_session(self.session_id, reason, resumable=resumable)
+                self.ledger.record_event(self.session_id, "session_end", reason=reason, resumable=resumable)
+        except (sqlite3.Error, OSError) as exc:
+            # A full disk: each write above is one transaction, so the ledger holds what committed; the next
+            # start marks a left-over running experiment crash and resumes the session (it stays open).
+            log.error("session.close_failed", error=str(exc))
+        finally:
+            if hasattr(self, "ledger"):
+                self.ledger.close()
+            self._release()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
