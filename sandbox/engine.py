@@ -116,10 +116,13 @@ def remove_stopped(session: str) -> list[str]:
     removed = []
     with engine_errors():
         for row in client().api.containers(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
-            if row.get("State") == "running":
+            if row.get("State") in ("running", "removing"):
                 continue
-            with contextlib.suppress(docker.errors.NotFound):
+            try:
                 client().api.remove_container(row["Id"], force=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code not in (404, 409):  # gone already, or another caller is removing it
+                    raise
             removed.append(row["Names"][0].lstrip("/"))
     return removed
 

@@ -41,6 +41,7 @@ _REAP_WRAPPER = ["/bin/bash", "-c", '"$@"; rc=$?; kill -KILL -1 2>/dev/null; exi
 _STDOUT, _STDERR = 1, 2
 _LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
 _CLOSER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sandbox-close")
+_REMOVING: set[concurrent.futures.Future] = set()  # removals close_later() has not finished yet
 
 
 class ExecResult(BaseModel):
@@ -192,13 +193,19 @@ class Sandbox:
         self._closed = True
         _LIVE.discard(self)
         with contextlib.suppress(docker.errors.NotFound), engine_errors():
-            self.container.remove(force=True)
+            try:
+                self.container.remove(force=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: another caller is already removing it
+                    raise
         log.debug("sandbox.closed", name=self.container.name)
 
     def close_later(self) -> None:
         """Remove the container on a background thread (removal takes ~0.1 s the caller need not wait for).
         The process waits for pending removals before it exits."""
-        _CLOSER.submit(self.close)
+        future = _CLOSER.submit(self.close)
+        _REMOVING.add(future)
+        future.add_done_callback(_REMOVING.discard)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -515,6 +522,11 @@ def interrupt_on_sigterm() -> None:
 
 
 @atexit.register
+def wait_for_removals(timeout: float = 60) -> None:
+    """Block until the removals close_later() started have finished (before removing their images)."""
+    concurrent.futures.wait(list(_REMOVING), timeout=timeout)
+
+
 def close_all() -> None:
     """Remove every sandbox this process still holds (normal exit, or an exception that reached the top)."""
     for sandbox in list(_LIVE):

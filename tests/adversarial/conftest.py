@@ -15,13 +15,14 @@ from harness.config import LabConfig
 from harness.ledger import Experiment
 from harness.session import Session
 from harness.tools import ToolResult, Toolbox
+from sandbox.sandbox import wait_for_removals
 from sandbox.snapshots import SnapshotStore
 from tests.conftest import _runsc_skip_reason
 
 EDIT = "str_replace_based_edit_tool"
 TRAIN = "trainer/train.py"
 # Small limits, so that bombs and floods hit them in seconds; a short budget, so experiments are quick.
-ATTACK_LAB = LabConfig(time_budget=2, grace=10, eval_tokens=4096, max_experiments=100, max_tool_calls=1000,
+ATTACK_LAB = LabConfig(time_budget=2, grace=20, eval_tokens=4096, max_experiments=100, max_tool_calls=1000,
                        memory_gb=1, disk_gb=0.25)
 
 
@@ -73,6 +74,7 @@ def attacker(request, tmp_path_factory) -> Attacker:
     config = ATTACK_LAB.model_copy(update={"runtime": runtime})
     with Session(lab, config, agent="attacker") as session:
         yield Attacker(Toolbox(session), runtime)
+    wait_for_removals()  # containers of the snapshots may still be going away on the session's threads
     SnapshotStore().gc(keep=[], name_prefix=session.lab_id)
 
 
