@@ -135,10 +135,10 @@ def status(lab: LabOption = Path(".")) -> None:
               highlight=False)
     if best:
         gap = f", gap to floor {best.floor_gap:.4f}" if best.floor_gap is not None else ""
-        out.print(f"best: #{best.id} val_bpb {best.metric:.6f}{gap}: {best.description}", highlight=False)
+        out.print(f"best: #{best.id} val_bpb {best.metric:.6f}{gap}: {best.description}", highlight=False, markup=False)
     running = [e for e in experiments if e.status == "running"]
     if running:
-        out.print(f"running: #{running[-1].id} {running[-1].description}", highlight=False)
+        out.print(f"running: #{running[-1].id} {running[-1].description}", highlight=False, markup=False)
     tokens = sum(e.tokens_in + e.tokens_out for e in experiments)
     if tokens:
         out.print(f"agent: {tokens:,} tokens, ${sum(e.cost_usd for e in experiments):.4f}", highlight=False)
@@ -167,12 +167,12 @@ def show(
     lab: LabOption = Path("."),
 ) -> None:
     """One experiment: status, metric, snapshot, tokens, its diff against its parent, the log tail."""
-    from harness.history import experiment_detail
+    from harness.history import experiment_detail, printable
 
     e = experiment_or_error(open_ledger(lab), experiment_id)
     out.print(experiment_detail(e, max_diff_chars=200_000), highlight=False, markup=False)
     if e.log_tail and e.status not in ("crash", "timeout"):
-        out.print("log tail:\n" + e.log_tail, highlight=False, markup=False)
+        out.print("log tail:\n" + printable(e.log_tail), highlight=False, markup=False)
 
 
 @app.command()

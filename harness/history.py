@@ -6,9 +6,18 @@ import difflib
 import json
 
 from harness.ledger import Experiment
-from sandbox.sandbox import safe_text
 
 DIFF_CONTEXT = 3
+# What may not reach a model or a terminal: C0 controls but newline and tab, DEL and the C1 range (U+009B is
+# a one-character CSI to some terminals), and lone surrogates (a file name with invalid UTF-8 bytes arrives
+# as surrogate escapes; they cannot even be encoded). Each becomes U+FFFD, as safe_text does for bytes.
+_UNPRINTABLE = {code: "\ufffd" for code in [*range(0x20), *range(0x7F, 0xA0), *range(0xD800, 0xE000)]
+                if chr(code) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """`text` safe to show to a model or print on a terminal: only newline and tab of the control characters."""
+    return text.translate(_UNPRINTABLE)
 
 
 def sources_of(experiment: Experiment | None, root_sources: dict[str, str]) -> dict[str, str]:
@@ -24,13 +33,15 @@ def unified_diff(old: dict[str, str], new: dict[str, str], old_label: str, new_l
         a, b = old.get(path), new.get(path)
         if a == b:
             continue
+        # A file name is one header line: a newline in it must not start a line of its own (a forged hunk).
+        name = path.replace("\n", "\\n").replace("\t", "\\t")
         lines = difflib.unified_diff(
             (a or "").splitlines(keepends=True), (b or "").splitlines(keepends=True),
-            fromfile=f"{old_label}/{path}" if a is not None else "/dev/null",
-            tofile=f"{new_label}/{path}" if b is not None else "/dev/null", n=DIFF_CONTEXT,
+            fromfile=f"{old_label}/{name}" if a is not None else "/dev/null",
+            tofile=f"{new_label}/{name}" if b is not None else "/dev/null", n=DIFF_CONTEXT,
         )
         chunks.append("".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines))
-    return safe_text("".join(chunks).encode())
+    return printable("".join(chunks))
 
 
 def metric_text(value: float | None) -> str:
@@ -41,7 +52,7 @@ def one_line(e: Experiment) -> str:
     parent = f"#{e.parent_id}" if e.parent_id else "base"
     gap = f" gap {e.floor_gap:.4f}" if e.floor_gap is not None else ""
     return (f"#{e.id} (from {parent}) {e.status:8s} val_bpb {metric_text(e.metric)}{gap} "
-            f"{e.seconds or 0:.0f}s  {safe_text(' '.join(e.description.split()).encode())[:120]}")
+            f"{e.seconds or 0:.0f}s  {printable(' '.join(e.description.split()))[:120]}")
 
 
 def experiment_list(experiments: list[Experiment], limit: int) -> str:
@@ -53,15 +64,15 @@ def experiment_list(experiments: list[Experiment], limit: int) -> str:
 
 
 def experiment_detail(e: Experiment, max_diff_chars: int = 6000) -> str:
-    lines = [one_line(e), f"snapshot: {e.snapshot or '-'}"]
+    lines = [one_line(e), f"snapshot: {printable(e.snapshot or '-')}"]
     if e.memory_bytes:
         lines.append(f"peak memory: {e.memory_bytes / 1024**3:.2f} GB; training {e.train_seconds or 0:.1f} s")
     if e.tokens_in or e.tokens_out:
         lines.append(f"agent tokens: {e.tokens_in} in / {e.tokens_out} out, ${e.cost_usd:.4f}")
-    diff = e.diff or ""
+    diff = printable(e.diff or "")  # rows come from bundles too: what is shown is made safe where it is shown
     lines.append("diff against its parent:" if diff else "diff against its parent: (none)")
     if diff:
         lines.append(diff if len(diff) <= max_diff_chars else diff[:max_diff_chars] + "\n[... diff truncated ...]")
     if e.log_tail and e.status in ("crash", "timeout"):
-        lines += ["log tail:", e.log_tail]
+        lines += ["log tail:", printable(e.log_tail)]
     return "\n".join(lines)

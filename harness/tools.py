@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from harness import failpoints, history
 from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxClosed, SandboxError
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 MODEL_OUTPUT_CHARS = 12_000  # what one tool result may put into the model's context (head and tail kept)
+ERROR_CHARS = 1_000  # a refusal or failure message: one precise line, however long the input it names
+SHOWN_CHARS = 60  # an input value (a key, a path) quoted in a message
+MAX_ID = 2**31 - 1  # experiment ids: larger ones cannot exist (and would overflow SQLite's INTEGER)
 BASH_DEFAULT_TIMEOUT = 120.0
 BASH_MAX_TIMEOUT = 600.0
 EDITOR_MAX_FILE_BYTES = 1024 * 1024
@@ -46,10 +49,18 @@ class BashInput(_Input):
     command: str = Field(min_length=1, description="A bash script, run in /workspace as the unprivileged user.")
     timeout: float | None = Field(None, gt=0, le=BASH_MAX_TIMEOUT, description="Seconds before it is killed (default 120).")
 
+    @field_validator("command")
+    @classmethod
+    def _no_nul(cls, command: str) -> str:
+        if "\x00" in command:  # an exec argument cannot hold one: the engine would fail with "invalid argument"
+            raise ValueError("a command cannot contain a NUL byte")
+        return command
+
 
 class EditorInput(_Input):
     command: Literal["view", "create", "str_replace", "insert", "undo_edit"]
-    path: str = Field(min_length=1, description="A path in /workspace (absolute, or relative to /workspace).")
+    path: str = Field(min_length=1, max_length=4096,
+                      description="A path in /workspace (absolute, or relative to /workspace).")
     file_text: str | None = Field(None, description="create: the whole content of the file.")
     old_str: str | None = Field(None, description="str_replace: text that occurs exactly once in the file.")
     new_str: str | None = Field(None, description="str_replace: the replacement; insert: the text to insert.")
@@ -67,12 +78,12 @@ class ListExperimentsInput(_Input):
 
 
 class ShowExperimentInput(_Input):
-    id: int = Field(ge=1)
+    id: int = Field(ge=1, le=MAX_ID)
 
 
 class DiffInput(_Input):
-    a: int = Field(ge=0, description="An experiment id (0 = the session's starting point).")
-    b: int = Field(ge=0, description="An experiment id (0 = the session's starting point).")
+    a: int = Field(ge=0, le=MAX_ID, description="An experiment id (0 = the session's starting point).")
+    b: int = Field(ge=0, le=MAX_ID, description="An experiment id (0 = the session's starting point).")
 
 
 TOOLS: dict[str, tuple[type[_Input], str]] = {
@@ -108,12 +119,30 @@ def clip(text: str, limit: int = MODEL_OUTPUT_CHARS) -> str:
     return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
 
 
+def shown(value: object) -> str:
+    """An input value as quoted in a message: printable, on one line, at most SHOWN_CHARS characters."""
+    text = str(value)
+    if len(text) > SHOWN_CHARS:
+        text = f"{text[:SHOWN_CHARS // 2]}...[{len(text)} chars]...{text[-SHOWN_CHARS // 4:]}"
+    return history.printable(text).replace("\n", "\\n").replace("\t", "\\t")
+
+
+def error_text(message: str) -> str:
+    """A refusal or failure as the agent gets it: one printable line, short even when it quotes a huge input."""
+    message = history.printable(message).replace("\n", "\\n").replace("\t", "\\t")
+    if len(message) <= ERROR_CHARS:
+        return message
+    half = ERROR_CHARS // 2 - 20
+    return f"{message[:half]} [... {len(message) - 2 * half} characters cut ...] {message[-half:]}"
+
+
 def _validation_message(name: str, exc: ValidationError) -> str:
     problems = []
     for error in exc.errors()[:5]:
-        where = ".".join(str(part) for part in error["loc"]) or "input"
+        # The location names the agent's own keys (an extra key can be anything, a megabyte of escapes).
+        where = ".".join(shown(part) for part in error["loc"]) or "input"
         problems.append(f"{where}: {error['msg']}")
-    return f"invalid input for {name}: " + "; ".join(problems)
+    return error_text(f"invalid input for {name}: " + "; ".join(problems))
 
 
 class Toolbox:
@@ -127,15 +156,19 @@ class Toolbox:
         started = time.monotonic()
         failpoints.reach("tool.before")
         result = self._dispatch(name, raw_input)
-        result = ToolResult(text=clip(result.text), is_error=result.is_error)
-        self.session.record_tool_call(name, raw_input if isinstance(raw_input, dict) else {"raw": raw_input},
+        # Every result is printable (a file name or an output may hold terminal escapes) and bounded.
+        result = ToolResult(text=clip(history.printable(result.text)), is_error=result.is_error)
+        # The name is the model's: it may be anything, and the ledger's column takes text that encodes.
+        recorded = shown(name if isinstance(name, str) else repr(name))
+        self.session.record_tool_call(recorded, raw_input if isinstance(raw_input, dict) else {"raw": raw_input},
                                       result, time.monotonic() - started)
         failpoints.reach("tool.recorded")
         return result
 
     def _dispatch(self, name: str, raw_input: object) -> ToolResult:
-        if name not in TOOLS:
-            return ToolResult(text=f"unknown tool {str(name)[:80]!r}; the tools are: {', '.join(TOOLS)}", is_error=True)
+        if not isinstance(name, str) or name not in TOOLS:
+            return ToolResult(text=f"unknown tool {shown(repr(name))}; the tools are: {', '.join(TOOLS)}",
+                              is_error=True)
         if not isinstance(raw_input, dict):
             return ToolResult(text=f"invalid input for {name}: expected a JSON object, got {type(raw_input).__name__}",
                               is_error=True)
@@ -148,10 +181,8 @@ class Toolbox:
             return ToolResult(text=refusal, is_error=True)
         try:
             return getattr(self, f"_{name}")(args)
-        except ToolError as exc:
-            return ToolResult(text=str(exc), is_error=True)
-        except (PathRefused, FileMissing, FileTooLarge) as exc:
-            return ToolResult(text=str(exc), is_error=True)
+        except (ToolError, PathRefused, FileMissing, FileTooLarge) as exc:
+            return ToolResult(text=error_text(str(exc)), is_error=True)
         except SandboxClosed:
             self.session.replace_working_box()
             return ToolResult(text="the sandbox stopped (a limit killed it); it was restored to the session's base "
@@ -273,7 +304,10 @@ class Toolbox:
     # -- experiments and history ----------------------------------------------------------------------
     def _run_experiment(self, args: RunExperimentInput) -> ToolResult:
         self.undo.clear()  # the workspace is replaced after every experiment
-        experiment = self.session.run_experiment(args.description)
+        # The description is shown in tables and the live view, which rich renders as markup: a "[/]" would
+        # crash `labrat log`, so brackets become parentheses (as in the agent's failure reasons).
+        description = history.printable(args.description).replace("[", "(").replace("]", ")")
+        experiment = self.session.run_experiment(description)
         return ToolResult(text=self.session.describe_outcome(experiment), is_error=experiment.status in ("crash", "timeout"))
 
     def _list_experiments(self, args: ListExperimentsInput) -> ToolResult:

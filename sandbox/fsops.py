@@ -278,6 +278,9 @@ def op_manifest(rel, max_entries):
                     if len(entries) >= max_entries:
                         raise TooLarge(f"more than {max_entries} files below {rel}")
             sys.stdout.write(json.dumps(entries))
+        except RecursionError:  # os.fwalk recurses once per level: a directory chain ~1000 deep exhausts it
+            raise TooLarge(f"directories below {rel} are nested too deep to walk (about {sys.getrecursionlimit()} "
+                           "levels or more)") from None
         finally:
             os.close(top)
     finally:

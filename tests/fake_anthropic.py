@@ -6,6 +6,7 @@ It answers POST /v1/messages from a script of steps, one per request it accepts:
         reply(tool("bash", {"command": "ls"}), text="Let me look."),   # a message with tool_use blocks
         error(529),                                                    # an Anthropic-style error, retry-after-ms: 10
         drop(),                                                        # the connection closes with no response
+        hang(60),                                                      # accepted, no answer for 60 s, then dropped
         lambda request: reply(...),                                    # a step computed from the request body
     )
 
@@ -64,6 +65,13 @@ class Drop:
     """Close the connection without answering (the SDK sees a connection error)."""
 
 
+@dataclass
+class Hang:
+    """Accept the request and answer nothing for `seconds` (the SDK's read timeout should fire first), then
+    close the connection. Stopping the server ends every hang at once."""
+    seconds: float
+
+
 def reply(*calls: dict, text: str | None = None, stop_reason: str | None = None, usage: dict | None = None) -> Reply:
     return Reply(list(calls), text, stop_reason, usage)
 
@@ -72,15 +80,20 @@ def end_turn(text: str = "I think I am done.") -> Reply:
     return Reply([], text, "end_turn")
 
 
-def error(status: int, kind: str | None = None, message: str | None = None) -> Error:
-    return Error(status, kind, message)
+def error(status: int, kind: str | None = None, message: str | None = None, headers: dict | None = None) -> Error:
+    """An error answer; `headers` replaces the default retry-after-ms: 10 ({} for none: the SDK backs off)."""
+    return Error(status, kind, message) if headers is None else Error(status, kind, message, headers)
 
 
 def drop() -> Drop:
     return Drop()
 
 
-Step = Reply | Error | Drop | Callable[[dict], "Reply | Error | Drop"]
+def hang(seconds: float) -> Hang:
+    return Hang(seconds)
+
+
+Step = Reply | Error | Drop | Hang | Callable[[dict], "Reply | Error | Drop | Hang"]
 
 
 @dataclass
@@ -171,13 +184,15 @@ class FakeAnthropic:
         self.api_key = api_key
         self.steps: list[Step] = []
         self.requests: list[Request] = []  # every POST /v1/messages, including refused and failed ones
-        self.answers: list[tuple[int, dict | None]] = []  # (status, body) per request; (0, None) for a drop
+        self.answers: list[tuple[int, dict | None]] = []  # (status, body) per request; (0, None) for a drop,
+        # (-1, None) for a hang
         self.violations: list[str] = []
         self._lock = threading.Lock()
         self._cached: set[str] = set()
         self._last_cached_messages: list = []
         self._ids = 0
         self._server: ThreadingHTTPServer | None = None
+        self._stopping = threading.Event()
 
     # -- scripting -----------------------------------------------------------------------------------
     def script(self, *steps: Step) -> FakeAnthropic:
@@ -231,6 +246,10 @@ class FakeAnthropic:
                     return self._send(400, _error_body(400, "invalid_request_error", "body is not JSON"))
                 request = Request(body, raw, {k.lower(): v for k, v in self.headers.items()}, time.monotonic())
                 status, answer, headers = fake._answer(request)
+                if status == -1:  # hang: no response for a while (the lock is not held meanwhile), then none at all
+                    fake._stopping.wait(headers["seconds"])
+                    self.close_connection = True
+                    return None
                 if status == 0:  # drop: no response at all
                     self.close_connection = True
                     return None
@@ -253,6 +272,7 @@ class FakeAnthropic:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server:
             self._server.shutdown()
             self._server.server_close()
@@ -278,6 +298,9 @@ class FakeAnthropic:
                 step = step(request.body)
             if isinstance(step, Drop):
                 return self._record(0, None, {})
+            if isinstance(step, Hang):
+                self.answers.append((-1, None))
+                return -1, None, {"seconds": step.seconds}
             if isinstance(step, Error):
                 kind = step.kind or ERROR_TYPES.get(step.status, "api_error")
                 message = step.message or ERROR_MESSAGES.get(step.status, "error")

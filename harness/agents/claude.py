@@ -6,7 +6,8 @@
 The API key is read here, in the host process, and handed to the SDK client only: it never enters a
 tool input, a container, the ledger or a log. Transient API failures (429, 5xx, 529 overloaded,
 dropped connections, timeouts) are retried by the SDK itself with exponential backoff that honours
-`retry-after` / `retry-after-ms`; once those retries are spent the agent raises `AgentFailed` with a
+`retry-after` / `retry-after-ms` (up to MAX_RETRY_WAIT); a request with no answer times out after
+REQUEST_TIMEOUT and is retried too. Once those retries are spent the agent raises `AgentFailed` with a
 one-line reason and the session is saved as resumable.
 
 The context stays bounded however long the session runs: after every experiment the conversation
@@ -36,7 +37,9 @@ log = structlog.get_logger(__name__)
 # -- knobs -------------------------------------------------------------------------------------------
 MAX_TOKENS = 16_000  # per response; small enough for a non-streaming request
 MAX_RETRIES = 8  # SDK retries of one request (backoff 0.5 s doubling to 8 s, or what retry-after asks)
-REQUEST_TIMEOUT = 600.0  # seconds for one request
+REQUEST_TIMEOUT = 600.0  # seconds one request may go without a byte of its answer (a whole non-streaming reply)
+CONNECT_TIMEOUT = 15.0  # seconds to connect: an unreachable API fails fast, not after REQUEST_TIMEOUT
+MAX_RETRY_WAIT = 60.0  # seconds one retry may wait, whatever retry-after asks (the SDK would wait days)
 HISTORY_LINES = 15  # experiments listed one line each in the summary that starts each experiment
 TRANSCRIPT_CHAR_BUDGET = 120_000  # characters of messages sent in one request before older parts are elided
 KEEP_RECENT_RESULTS = 4  # tool results (and tool inputs) kept intact when eliding
@@ -123,6 +126,22 @@ def _reason(text: str) -> str:
     return _one_line(text, 200).replace("[", "(").replace("]", ")")
 
 
+_SURROGATES = {code: "\ufffd" for code in range(0xD800, 0xE000)}
+
+
+def _sendable(value):
+    """A value from the API as it can be sent back. The API's JSON may carry lone surrogates (`"\\ud800"` is
+    valid JSON), and the SDK encodes requests as UTF-8: one such character in the echoed turn would raise
+    out of every later request. Each becomes U+FFFD."""
+    if isinstance(value, str):
+        return value.translate(_SURROGATES)
+    if isinstance(value, dict):
+        return {_sendable(key): _sendable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_sendable(item) for item in value]
+    return value
+
+
 def _size(value) -> int:
     return len(json.dumps(value, ensure_ascii=False, default=str))
 
@@ -138,6 +157,15 @@ def _elide_input(tool_input: dict) -> dict:
     return {"elided": f"[{_size(tool_input)} characters of input elided]"}
 
 
+class _Client(anthropic.Anthropic):
+    """The SDK's client, with the wait before a retry capped: the SDK honours any retry-after, and an hour's
+    (from a proxy, or a rate limit far from its reset) would stall a run silently. Past the cap the retry
+    just comes sooner; once retries are spent the run stops resumable with the API's error."""
+
+    def _calculate_retry_timeout(self, *args, **kwargs) -> float:
+        return min(super()._calculate_retry_timeout(*args, **kwargs), MAX_RETRY_WAIT)
+
+
 class ClaudeAgent:
     name = "claude"
 
@@ -150,8 +178,8 @@ class ClaudeAgent:
         self.model = config.model
         self.program = program.strip() or "(no research program: improve val_bpb)"
         # base_url None: the SDK takes ANTHROPIC_BASE_URL when set, else the public API.
-        self.client = anthropic.Anthropic(api_key=api_key, base_url=None, max_retries=MAX_RETRIES,
-                                          timeout=REQUEST_TIMEOUT)
+        self.client = _Client(api_key=api_key, base_url=None, max_retries=MAX_RETRIES,
+                              timeout=anthropic.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT))
         self.tools = tool_specs()
         preamble = PREAMBLE.format(budget=config.time_budget, trainer_config=config.trainer_config,
                                    max_tool_calls=config.max_tool_calls)
@@ -236,13 +264,13 @@ class ClaudeAgent:
             kind = getattr(block, "type", None)
             if kind == "text":
                 if (getattr(block, "text", "") or "").strip():
-                    content.append({"type": "text", "text": block.text})
+                    content.append({"type": "text", "text": _sendable(block.text)})
             elif kind == "tool_use":
                 raw_input = getattr(block, "input", None)
                 name = str(getattr(block, "name", ""))
                 # The API only takes an object as a tool_use input; a malformed one is echoed as {}.
-                content.append({"type": "tool_use", "id": block.id, "name": name,
-                                "input": raw_input if isinstance(raw_input, dict) else {}})
+                content.append({"type": "tool_use", "id": block.id, "name": _sendable(name),
+                                "input": _sendable(raw_input) if isinstance(raw_input, dict) else {}})
                 calls.append((block.id, name, raw_input))
         return content, calls
 
@@ -271,7 +299,7 @@ class ClaudeAgent:
                           else repr(raw_input), 160)
         text = result.text if len(result.text) <= LAST_TURN_CHARS else (
             result.text[: LAST_TURN_CHARS // 3] + "\n[...]\n" + result.text[-2 * LAST_TURN_CHARS // 3:])
-        return f"{name} {shown}{' (error)' if result.is_error else ''}:\n{text}"
+        return _sendable(f"{name} {shown}{' (error)' if result.is_error else ''}:\n{text}")
 
     def _summary(self, session, last_turn: list[str] | None) -> str:
         experiments = session.ledger.experiments()
