@@ -187,6 +187,7 @@ def test_links_fifos_and_evil_names_are_recorded_never_followed_and_print_safely
         assert run.returncode == 0, run.stderr[-2000:]
         assert not terminal_controls(run.stdout + run.stderr)
         check_bundle(bundle, experiment)
+        bundle.unlink()  # ~1.3 GB (the sandbox image's layers): not worth keeping in pytest's tmp dirs
 
 
 def safe_member(name: str) -> bool:
