@@ -7,6 +7,7 @@ import time
 import structlog
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -75,7 +76,7 @@ class LiveView(Progress):
     # -- rendering ---------------------------------------------------------------------------------
     def _line(self, e: Experiment) -> str:
         gap = f" (gap {e.floor_gap:.4f})" if e.floor_gap is not None else ""
-        return f"#{e.id:<4} {e.status:8} val_bpb {metric_text(e.metric)}{gap}  {e.seconds or 0:5.1f}s  {e.description[:70]}"
+        return f"#{e.id:<4} {e.status:8} val_bpb {metric_text(e.metric)}{gap}  {e.seconds or 0:5.1f}s  {escape(e.description[:70])}"
 
     def render(self):
         elapsed = time.monotonic() - self.started
@@ -86,7 +87,7 @@ class LiveView(Progress):
         header.add_column()
         counter = f"{done}" + (f" / {self.max_experiments}" if self.max_experiments else "")
         if self.current:
-            counter += f"   running #{self.current[0]}: {self.current[1][:60]}"
+            counter += f"   running #{self.current[0]}: {escape(self.current[1][:60])}"
         header.add_row("experiments", counter)
         phase = f"{self.phase_name}  {time.monotonic() - self.phase_started:.0f}s"
         if self.phase_seconds:
@@ -107,7 +108,7 @@ class LiveView(Progress):
         for e in self.finished[-RECENT_ROWS:]:
             recent.add_row(str(e.id), f"[{STATUS_STYLE.get(e.status, '')}]{e.status}[/]", metric_text(e.metric),
                            f"{e.floor_gap:.4f}" if e.floor_gap is not None else "-", f"{e.seconds or 0:.0f}",
-                           e.description[:60])
+                           escape(e.description[:60]))
         return Panel(Group(header, recent), title="labrat run", border_style="blue")
 
 
@@ -122,6 +123,6 @@ def results_table(experiments: list[Experiment], title: str = "experiments") -> 
             f"{e.floor_gap:.4f}" if e.floor_gap is not None else "-",
             f"{e.memory_bytes / 1024**3:.2f}" if e.memory_bytes else "-", f"{e.seconds or 0:.1f}",
             f"{e.tokens_in + e.tokens_out:,}" if e.tokens_in or e.tokens_out else "-",
-            f"{e.cost_usd:.4f}" if e.cost_usd else "-", e.description[:80],
+            f"{e.cost_usd:.4f}" if e.cost_usd else "-", escape(e.description[:80]),
         )
     return table

@@ -15,7 +15,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from harness import failpoints, history
-from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxClosed, SandboxError
+from sandbox.errors import EngineUnavailable, FileMissing, FileTooLarge, PathRefused, SandboxClosed, SandboxError
 from sandbox.sandbox import safe_text, workspace_relpath
 
 if TYPE_CHECKING:
@@ -183,10 +183,11 @@ class Toolbox:
             return getattr(self, f"_{name}")(args)
         except (ToolError, PathRefused, FileMissing, FileTooLarge) as exc:
             return ToolResult(text=error_text(str(exc)), is_error=True)
-        except SandboxClosed:
-            self.session.replace_working_box()
-            return ToolResult(text="the sandbox stopped (a limit killed it); it was restored to the session's base "
-                                   "and your uncommitted edits are gone", is_error=True)
+        except (SandboxClosed, EngineUnavailable):
+            # A limit killed the container, or the Docker engine restarted under it.
+            self.session.restore_working_box()
+            return ToolResult(text="the sandbox stopped (a limit killed it, or its engine restarted); it was restored "
+                                   "to the session's base and your uncommitted edits are gone", is_error=True)
 
     # -- bash ----------------------------------------------------------------------------------------
     def _bash(self, args: BashInput) -> ToolResult:

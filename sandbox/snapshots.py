@@ -104,18 +104,22 @@ class SnapshotStore:
             raise SandboxError(f"snapshot name {name!r} must match {_NAME_RE.pattern}")
         if self._find(name) is not None:
             raise SandboxError(f"snapshot {name} already exists")
-        written = sandbox.disk_usage()
-        if written > sandbox.policy.disk_bytes:
-            # A workspace that ballooned must not be copied into the store (and into every later flatten).
-            raise SandboxError(
-                f"refusing to snapshot {sandbox.name}: it wrote {written} bytes, over its disk limit of "
-                f"{sandbox.policy.disk_bytes}; delete files first"
-            )
         # Lineage parent: the last snapshot of this sandbox, else the snapshot it was restored from.
         # Layer depth counts from the image the container runs on: a commit adds one layer to *that*.
         origin = self._snapshot_image(sandbox.origin)
         parent = self._snapshot_image(sandbox.last_snapshot) if sandbox.last_snapshot else origin
         base_id = origin.base_id if origin else self._image_id(sandbox.origin)
+        # The limit bounds what a snapshot holds above the base image: this container's writes plus the
+        # layers of the snapshots it descends from (else a workspace could grow by the limit per keep).
+        written = sandbox.disk_usage()
+        stacked = written + (self._image_size(origin.image_id) - self._image_size(base_id) if origin else 0)
+        if stacked > sandbox.policy.disk_bytes:
+            # A workspace that ballooned must not be copied into the store (and into every later flatten).
+            raise SandboxError(
+                f"refusing to snapshot {sandbox.name}: it holds {stacked} bytes above the base image "
+                f"({written} written since its last restore), over its disk limit of {sandbox.policy.disk_bytes}; "
+                "delete files first"
+            )
         depth = origin.depth + 1 if origin else 1
         meta = {
             L_SNAPSHOT: "1",
@@ -232,6 +236,11 @@ class SnapshotStore:
     def _image_id(self, ref: str) -> str:
         with engine_errors(image=ref):
             return client().images.get(ref).id
+
+    def _image_size(self, ref: str) -> int:
+        """Bytes of the image with all the layers under it (the engine's `Size`)."""
+        with engine_errors(image=ref):
+            return int(client().api.inspect_image(ref).get("Size") or 0)
 
     def _require_present(self, snap: Snapshot) -> None:
         with engine_errors():

@@ -278,11 +278,10 @@ def test_directories_nested_too_deep_to_walk_end_the_experiment_with_a_clear_rea
     assert attack.bash("ls d 2>/dev/null | wc -l").text.startswith("0\n")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: disk_gb bounds each snapshot's own layer, not the stack of kept "
-                                       "layers beneath it; see the proposed check in SnapshotStore.snapshot")
 def test_a_workspace_that_grows_across_kept_snapshots_stays_within_the_disk_limit(image):
-    """Each kept experiment restores the last snapshot and may add up to the limit again: the workspace, and the
-    image every later container starts from, grows by disk_gb per kept experiment without any refusal."""
+    """Each kept experiment restores the last snapshot and could add up to the limit again: the store counts the
+    layers a snapshot descends from, so the workspace (and the image every later container starts from) stays
+    within disk_gb."""
     policy = SandboxPolicy(image=image, disk_bytes=250 * 1024**2)
     store = SnapshotStore()
     try:
