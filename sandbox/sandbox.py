@@ -52,6 +52,7 @@ class ExecResult(BaseModel):
     duration: float
     truncated: bool = False  # at least one stream lost bytes to the output limit
     oom_killed: bool = False  # the kernel's OOM killer ended a process of this exec
+    pids_limited: bool = False  # a fork or clone failed at the container's process limit during this exec
     limit: str | None = None  # what stopped it: "timeout", "disk", "memory", or "died" (the container itself)
 
     @property
@@ -250,6 +251,9 @@ class Sandbox:
         stderr = run.err.text()
         if run.limit:
             stderr += ("\n" if stderr else "") + self._limit_message(run.limit, timeout)
+        if run.pids_limited:
+            stderr += ("\n" if stderr else "") + (
+                f"[labrat: the process limit of {self.policy.pids_limit} was reached: new processes could not start]")
         result = ExecResult(
             exit_code=run.exit_code,
             stdout=run.out.text(),
@@ -258,6 +262,7 @@ class Sandbox:
             duration=run.duration,
             truncated=bool(run.out.dropped or run.err.dropped),
             oom_killed=run.oom_killed,
+            pids_limited=run.pids_limited,
             limit=run.limit,
         )
         log.debug("sandbox.exec", name=self.name, exit_code=run.exit_code, limit=run.limit, seconds=round(run.duration, 3))
@@ -269,6 +274,9 @@ class Sandbox:
         user = user or self.policy.user
         api = client().api
         oom_before = self._oom_count()
+        pids_events = _first_existing(_cgroup_files(self.container.id, "pids.events", "pids.events", "pids"))
+        pids_before = _pids_max_events(pids_events)
+        pids_limited = False
         started = time.monotonic()
         with engine_errors():
             try:
@@ -319,6 +327,13 @@ class Sandbox:
                     limit = "disk"
                     break
             reader.join(timeout=min(0.05, max(0.0, deadline - now)))
+            # Read while it runs: under gVisor a fork bomb ends the whole sandbox, and its cgroup with it.
+            pids_limited = pids_limited or _pids_max_events(pids_events) > pids_before
+            if self.policy.runtime == "runsc" and reader.is_alive() and self._oom_count() > oom_before:
+                # The host's OOM killer hit one of gVisor's own processes (its gofer, say): the sandbox may
+                # go on, but the allocating process then waits forever instead of dying. End it now.
+                limit = "memory"
+                break
         if limit and not self._dead_reason:
             self._kill_user_processes(user)
             reader.join(timeout=10)
@@ -332,16 +347,17 @@ class Sandbox:
                 info = {}  # the engine forgets execs of a container that died
         exit_code = info.get("ExitCode") if info and not info.get("Running") else None
         oom = self._oom_count() > oom_before
+        pids_limited = pids_limited or _pids_max_events(pids_events) > pids_before
         if (exit_code is None or exit_code >= 128) and self._check_alive() is not None:
             # The whole container died (under gVisor an OOM kills the sandbox, not one process).
             oom = oom or self._dead_reason == "memory"
             limit = limit or self._dead_reason
-            return _RawRun(exit_code, out, err, limit, duration, oom)
+            return _RawRun(exit_code, out, err, limit, duration, oom, pids_limited)
         if limit is None and oom:
             limit = "memory"
         if limit is None and may_write and self._disk_check_due() and self._poll()[0] > self.policy.disk_bytes:
             limit = "disk"  # wrote past the limit between two polls and then exited
-        return _RawRun(exit_code, out, err, limit, duration, oom)
+        return _RawRun(exit_code, out, err, limit, duration, oom, pids_limited)
 
     def _disk_check_due(self) -> bool:
         """At most one end-of-exec size check per poll interval: the engine walks the whole writable
@@ -493,6 +509,7 @@ class _RawRun(NamedTuple):
     limit: str | None
     duration: float
     oom_killed: bool
+    pids_limited: bool = False
 
 
 def _send_input(raw_socket, data: bytes) -> None:
@@ -502,14 +519,31 @@ def _send_input(raw_socket, data: bytes) -> None:
         raw_socket.shutdown(socket.SHUT_WR)
 
 
-def _cgroup_files(container_id: str, v1_name: str, v2_name: str) -> list[str]:
-    """Where a container's memory cgroup file lives: cgroup v1 (cgroupfs or systemd driver), then v2."""
+def _cgroup_files(container_id: str, v1_name: str, v2_name: str, controller: str = "memory") -> list[str]:
+    """Where a container's cgroup file lives: cgroup v1 (cgroupfs or systemd driver), then v2."""
     return [
-        f"/sys/fs/cgroup/memory/docker/{container_id}/{v1_name}",
-        f"/sys/fs/cgroup/memory/system.slice/docker-{container_id}.scope/{v1_name}",
+        f"/sys/fs/cgroup/{controller}/docker/{container_id}/{v1_name}",
+        f"/sys/fs/cgroup/{controller}/system.slice/docker-{container_id}.scope/{v1_name}",
         f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/{v2_name}",
         f"/sys/fs/cgroup/docker/{container_id}/{v2_name}",
     ]
+
+
+def _first_existing(paths: list[str]) -> str | None:
+    return next((path for path in paths if Path(path).exists()), None)
+
+
+def _pids_max_events(path: str | None) -> int:
+    """The pids cgroup's count of forks refused at its limit (pids.events "max"); 0 if unreadable or gone."""
+    if path is None:
+        return 0
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as events:
+            for line in events:
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    return int(value)
+    return 0
 
 
 def interrupt_on_sigterm() -> None:
