@@ -211,8 +211,11 @@ class SnapshotStore:
     def list(self, **label_filters: str) -> list[Snapshot]:
         """All snapshots (optionally with caller labels equal to the given values), oldest first."""
         filters = [f"{L_SNAPSHOT}=1"] + [f"{USER_PREFIX}{k}={v}" for k, v in label_filters.items()]
+        images = []
         with engine_errors():
-            images = client().images.list(name=REPOSITORY, filters={"label": filters})
+            for row in client().api.images(name=REPOSITORY, filters={"label": filters}):
+                with contextlib.suppress(docker.errors.ImageNotFound):  # removed since the listing (another gc)
+                    images.append(client().images.get(row["Id"]))
         snaps = [Snapshot.from_image(image) for image in images]
         return sorted(snaps, key=lambda s: (s.created, s.name))
 

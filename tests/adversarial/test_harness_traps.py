@@ -245,14 +245,15 @@ def test_a_ballooning_workspace_stops_at_the_disk_limit_and_is_never_snapshotted
     # The third write crosses the limit: the exec's disk check stops it when it runs in time (it polls); the
     # snapshot's check below never misses.
     assert not results[2].is_error or f"exceed the disk limit of {limit} bytes" in results[2].text, results[2].text
-    before = {s.name for s in SnapshotStore().list()}
+    lab = attack.session.lab_id  # this lab's snapshots only: other labs on the engine come and go
+    before = {s.name for s in SnapshotStore().list(lab=lab)}
 
     experiment, _ = run_trapped_experiment(attack, "balloon: 300 MB in the workspace")
 
     assert experiment.status == "crash" and experiment.snapshot is None
     assert experiment.log_tail.startswith("labrat: refusing to snapshot")
     assert f"over its disk limit of {limit}" in experiment.log_tail
-    assert {s.name for s in SnapshotStore().list()} == before  # nothing was committed
+    assert {s.name for s in SnapshotStore().list(lab=lab)} == before  # nothing was committed
     lab_snapshots = [s for s in SnapshotStore().list() if s.name.startswith(attack.session.lab_id)]
     for snap in lab_snapshots:
         assert SnapshotStore().get(snap.name).layer_bytes <= limit, snap.name
