@@ -8,6 +8,8 @@ next test a fresh one (run_experiment resets it, and `Attacker.fresh_box()` does
 from __future__ import annotations
 
 import os
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +87,17 @@ def attack(attacker) -> Attacker:
         attacker.fresh_box()
     attacker.session.calls_since_experiment = 0
     return attacker
+
+
+def ledger_rows(lab: Path) -> tuple[list[dict], list[dict]]:
+    """(experiments, sessions) straight from a lab's ledger file, opened read-only, after SQLite's integrity
+    check: what a killed or starved harness left on disk, not what a Ledger object would repair on open."""
+    db = sqlite3.connect(f"file:{lab / 'ledger.db'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        experiments = [dict(row) for row in db.execute("SELECT * FROM experiments ORDER BY id")]
+        sessions = [dict(row) for row in db.execute("SELECT * FROM sessions ORDER BY started_at")]
+    finally:
+        db.close()
+    return experiments, sessions

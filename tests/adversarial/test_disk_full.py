@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from harness.ledger import Ledger
 from sandbox.snapshots import SnapshotStore
+from tests.adversarial.conftest import ledger_rows
 
 LABRAT = str(Path(sys.executable).parent / "labrat")
 SMALL_LAB = """
@@ -59,13 +59,8 @@ def fill(disk: Path) -> Path:
 
 
 def rows(lab: Path) -> list[dict]:
-    db = sqlite3.connect(f"file:{lab / 'ledger.db'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        return [dict(row) for row in db.execute("SELECT id, status, metric, snapshot FROM experiments ORDER BY id")]
-    finally:
-        db.close()
+    keys = ("id", "status", "metric", "snapshot")
+    return [{key: e[key] for key in keys} for e in ledger_rows(lab)[0]]
 
 
 def test_a_full_lab_disk_is_one_clear_error_and_the_ledger_survives(small_disk):

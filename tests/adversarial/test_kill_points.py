@@ -11,7 +11,6 @@ for the lab is named by a ledger row (a candidate committed just before a kill i
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from harness.failpoints import ENV, POINTS
 from harness.ledger import Ledger
 from sandbox.engine import LABEL_OWNER_PID, client
 from sandbox.snapshots import SnapshotStore
+from tests.adversarial.conftest import ledger_rows
 
 LABRAT = str(Path(sys.executable).parent / "labrat")
 # Deterministic and tiny: every experiment takes a few seconds, and the same configuration scores the same.
@@ -43,19 +43,6 @@ def run_labrat(lab: Path, max_experiments: int, failpoint: str | None = None) ->
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), process.pid
 
 
-def read_rows(lab: Path) -> tuple[list[dict], list[dict]]:
-    """(experiments, sessions) straight from the file, read-only: what a killed harness left on disk."""
-    db = sqlite3.connect(f"file:{lab / 'ledger.db'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        experiments = [dict(row) for row in db.execute("SELECT * FROM experiments ORDER BY id")]
-        sessions = [dict(row) for row in db.execute("SELECT * FROM sessions ORDER BY started_at")]
-    finally:
-        db.close()
-    return experiments, sessions
-
-
 def test_killed_at_every_fail_point_the_next_run_resumes_and_loses_nothing(tmp_path):
     lab = tmp_path / "lab"
     lab.mkdir()
@@ -64,7 +51,7 @@ def test_killed_at_every_fail_point_the_next_run_resumes_and_loses_nothing(tmp_p
     completed: dict[int, dict] = {}  # experiments finished so far, as the ledger recorded them
     try:
         for point in POINTS:
-            experiments, sessions = read_rows(lab) if (lab / "ledger.db").exists() else ([], [])
+            experiments, sessions = ledger_rows(lab) if (lab / "ledger.db").exists() else ([], [])
             # The run resumes the lab's one session: its next experiment is the one the fail point interrupts.
             run, pid = run_labrat(lab, max_experiments=len(experiments) + 1, failpoint=point)
             assert run.returncode == -9, f"{point}: not killed (exit {run.returncode}): {run.stderr[-1500:]}"
@@ -72,7 +59,7 @@ def test_killed_at_every_fail_point_the_next_run_resumes_and_loses_nothing(tmp_p
 
             if not (lab / "ledger.db").exists():
                 continue  # killed before the ledger was created
-            experiments, sessions = read_rows(lab)
+            experiments, sessions = ledger_rows(lab)
             by_id = {e["id"]: e for e in experiments}
             for experiment_id, before in completed.items():  # nothing completed is lost or rewritten
                 assert by_id[experiment_id] == before, f"{point}: experiment #{experiment_id} changed"
@@ -83,7 +70,7 @@ def test_killed_at_every_fail_point_the_next_run_resumes_and_loses_nothing(tmp_p
             completed.update({e["id"]: e for e in experiments if e["status"] != "running"})
 
         # A clean run finishes the session from wherever the last kill left it.
-        experiments, _ = read_rows(lab)
+        experiments, _ = ledger_rows(lab)
         final, _ = run_labrat(lab, max_experiments=len(experiments) + 1)
         assert final.returncode == 0, final.stderr[-2000:]
         assert "Traceback" not in final.stderr
@@ -94,7 +81,7 @@ def test_killed_at_every_fail_point_the_next_run_resumes_and_loses_nothing(tmp_p
             client().api.remove_container(container["Id"], force=True)
     assert not leftovers, f"containers of killed harnesses were not reaped: {[c['Names'] for c in leftovers]}"
 
-    experiments, sessions = read_rows(lab)
+    experiments, sessions = ledger_rows(lab)
     by_id = {e["id"]: e for e in experiments}
     for experiment_id, before in completed.items():
         assert by_id[experiment_id]["status"] == before["status"] and by_id[experiment_id]["metric"] == before["metric"]
