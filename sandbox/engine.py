@@ -170,15 +170,18 @@ def reap_orphans() -> list[str]:
     """Remove labrat containers whose owning process (on this host) is dead. Returns their names."""
     reaped = []
     with engine_errors():
-        containers = client().containers.list(all=True, filters={"label": LABEL_OWNER_PID})
+        containers = client().containers.list(all=True, filters={"label": LABEL_OWNER_PID}, ignore_removed=True)
         for container in containers:
             labels = container.labels
             if labels.get(LABEL_OWNER_HOST) != socket.gethostname():
                 continue  # another machine's engine client; not ours to judge
             if _owner_alive(labels):
                 continue
-            with contextlib.suppress(docker.errors.NotFound):
+            try:
                 container.remove(force=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code not in (404, 409):  # gone already, or another caller is removing it
+                    raise
             reaped.append(container.name)
     if reaped:
         log.info("sandbox.reaped_orphans", count=len(reaped), names=reaped)

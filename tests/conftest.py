@@ -34,7 +34,8 @@ def image() -> str:
 def no_containers_left_behind():
     """After the whole suite, no container started by this test process may remain."""
     yield
-    leftovers = client().containers.list(all=True, filters={"label": f"{LABEL_OWNER_PID}={os.getpid()}"})
+    leftovers = client().containers.list(all=True, filters={"label": f"{LABEL_OWNER_PID}={os.getpid()}"},
+                                        ignore_removed=True)
     names = [c.name for c in leftovers]
     for container in leftovers:
         container.remove(force=True)

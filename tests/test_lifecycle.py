@@ -27,7 +27,7 @@ with box:
 
 
 def _containers(session: str):
-    return client().containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"})
+    return client().containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"}, ignore_removed=True)
 
 
 @pytest.fixture
