@@ -188,6 +188,8 @@ class Toolbox:
             self.session.restore_working_box()
             return ToolResult(text="the sandbox stopped (a limit killed it, or its engine restarted); it was restored "
                                    "to the session's base and your uncommitted edits are gone", is_error=True)
+        except SandboxError as exc:  # e.g. a file operation timed out on a loaded machine: the agent may retry
+            return ToolResult(text=error_text(f"the sandbox could not complete the call: {exc}"), is_error=True)
 
     # -- bash ----------------------------------------------------------------------------------------
     def _bash(self, args: BashInput) -> ToolResult:
