@@ -32,7 +32,9 @@ max_experiments = 1000
 """
 
 
-def run_labrat(lab: Path, max_experiments: int, failpoint: str | None = None) -> subprocess.CompletedProcess:
+def run_labrat(lab: Path, max_experiments: int,
+               failpoint: str | None = None) -> tuple[subprocess.CompletedProcess, int]:
+    """One `labrat run`, killed at `failpoint` if given: (its result, its pid, to look for its containers)."""
     env = {**os.environ, "LABRAT_LOG_LEVEL": "warning"}
     env.pop(ENV, None)
     if failpoint:
