@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_FILE = "labrat.toml"
 
@@ -21,8 +21,8 @@ class LabConfig(BaseModel):
     agent: Literal["offline", "claude"] = "offline"
     model: str = "claude-sonnet-4-6"  # used by the claude agent (claude-sonnet-4-5 reaches end of life 2026-11-30)
     trainer_config: Literal["cpu-tiny", "gpu"] = "cpu-tiny"
-    time_budget: float = Field(45.0, gt=0, description="training seconds per experiment")
-    grace: float = Field(30.0, ge=0, description="seconds past the budget before the hard kill (start-up, saving)")
+    time_budget: float = Field(45.0, gt=0, description="all-in wall-clock seconds of one training run on the "
+                               "host's clock (start, data, compile, training, saving); killed at the deadline")
     deterministic_steps: int | None = Field(None, ge=1, description="train this many steps, bit-identically, instead of for the time budget")
     max_experiments: int | None = Field(5, ge=1)
     max_hours: float | None = Field(None, gt=0)
@@ -39,6 +39,15 @@ class LabConfig(BaseModel):
     eval_tokens: int = Field(131_072, ge=1024, description="held-out tokens scored per evaluation")
     eval_timeout: float = Field(600.0, gt=0, description="seconds the evaluation may take")
     max_tool_calls: int = Field(40, ge=1, description="agent tool calls allowed between two experiments")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_grace(cls, values):
+        # `grace` (seconds allowed past the budget) is gone: the budget is all-in and the host kills at its
+        # deadline. Configs recorded by older sessions still load; their grace no longer applies.
+        if isinstance(values, dict) and "grace" in values:
+            values = {k: v for k, v in values.items() if k != "grace"}
+        return values
 
 
 def load_config(lab: Path) -> LabConfig:

@@ -4,13 +4,12 @@ Two directories, because they reach containers in different ways:
 
 * `data/train/` (train.bin, meta.json without the held-out checksum) is bind-mounted read-only at
   /data into the working and training containers;
-* `data/heldout/` (val.bin, meta.json) never enters an agent's container: the evaluation copies
-  the tokens it scores into a root-only directory of a fresh evaluation container.
+* `data/heldout/` (val.bin, meta.json) never enters any container: the evaluation's driver runs in
+  the harness and sends its workers input batches only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,12 +33,6 @@ class PreparedData(BaseModel):
     @property
     def floor_bpb(self) -> float | None:
         return self.meta.get("floor_bpb")
-
-    def eval_files(self, eval_tokens: int) -> dict[str, bytes]:
-        """val.bin cut to the tokens the evaluation scores, and a meta.json that matches it."""
-        val = (self.heldout_dir / "val.bin").read_bytes()[: eval_tokens + 1]
-        meta = {"floor_bpb": self.floor_bpb, "val_sha256": hashlib.sha256(val).hexdigest(), "val_tokens": len(val)}
-        return {"val.bin": val, "meta.json": json.dumps(meta).encode()}
 
 
 def ensure_data(lab: Path, config: LabConfig, progress=lambda line: None) -> PreparedData:

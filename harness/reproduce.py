@@ -8,6 +8,7 @@ is gone, an evaluator or data that differ from the ones recorded on the snapshot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import Callable
@@ -85,7 +86,7 @@ def reproduce(lab: Path, experiment_id: int, tolerance: float | None = None,
             reason = f"training {trained.status}: {trained.reason}"
         else:
             progress(f"evaluating #{experiment_id}")
-            evaluated = runner.evaluate(trained.checkpoint)
+            evaluated = runner.evaluate(trained, seed=_probe_seed(experiment))
             if not evaluated.ok:
                 reason = f"evaluation failed: {evaluated.reason}"
             else:
@@ -103,6 +104,14 @@ def reproduce(lab: Path, experiment_id: int, tolerance: float | None = None,
         return result
     finally:
         ledger.close()
+
+
+def _probe_seed(experiment) -> int | None:
+    """The recorded evaluation's secret draws, so that a deterministic reproduction scores the same rows the
+    same way (an older evaluation without one is replayed with fresh draws)."""
+    with contextlib.suppress(TypeError, ValueError, KeyError):
+        return int(json.loads(experiment.eval_json)["probe_seed"], 16)
+    return None
 
 
 def regress(lab: Path, experiment_id: int | None, baseline: float | None, tolerance: float | None,

@@ -1,24 +1,26 @@
 """One experiment's training and protected evaluation, each in a fresh container.
 
 Training runs the candidate snapshot's `train.py` as the agent's user, with the training split
-mounted read-only and the host's clock killing it at budget + grace. Evaluation runs in a fresh
-container of the *sandbox image* (not the snapshot): its trainer/evaluate.py is the pristine
-root-owned copy and nothing the agent planted in the workspace or home (sitecustomize, .pth
-files, a patched evaluator) exists there. The checkpoint (model source + weights) is the only
-thing that crosses from the agent's world; the driver runs as root with the held-out tokens in a
-root-only file and runs the model as the agent's user, which cannot read them. The metric is the
-driver's result file, never anything the agent's code printed.
+mounted read-only. Its budget is all-in wall clock on the host's clock: train.py is told the
+deadline and the host kills the run there, so no experiment gets more time than another.
+
+Evaluation is trainer/evaluate.py's driver, run here in the harness's process: it holds the held-out
+tokens, which never enter any container. Its two workers (the scorer, then the judge) each run in a
+fresh read-only container of the *sandbox image* (not the snapshot), so nothing the agent planted in
+the workspace or home (sitecustomize, .pth files, a patched evaluator) exists there. The checkpoint
+(model source + weights) is the only thing that crosses from the agent's world; it streams from the
+training container into both workers, never held whole here. The metric is the driver's, computed
+from the logits, never anything the agent's code printed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
-import io
 import json
 import secrets
-import tarfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,18 +32,19 @@ from pydantic import BaseModel
 from harness import failpoints
 from harness.config import LabConfig
 from harness.data import PreparedData
+from trainer.prepare import TRAIN_DEADLINE_ENV, load_tokens
 from sandbox.errors import SandboxError
 from sandbox.images import REPO_ROOT
 from sandbox.policy import SandboxPolicy
-from sandbox.sandbox import Sandbox
+from sandbox.sandbox import Sandbox, SandboxProcess
+from trainer import evaluate as ev
 from sandbox.snapshots import Snapshot, SnapshotStore
 
 log = structlog.get_logger(__name__)
 
 TRAIN_DATA = "/data"  # where the training split is mounted, read-only
-EVAL_DIR = "/tmp/eval"  # root-owned, mode 711 in the evaluation container: the model may open ckpt.pt only
 EVAL_SEQ_LEN = {"cpu-tiny": 128, "gpu": 2048}  # fixed per size class, so results stay comparable
-CHECKPOINT_LIMIT = 4 * 1024**3
+WORKER = ["python", "-m", "trainer.evaluate", "--worker", "/tmp"]  # the image's pristine evaluator, as the agent
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
 
@@ -49,14 +52,28 @@ EVALUATOR_FILES = ("trainer/__init__.py", "trainer/prepare.py", "trainer/evaluat
 Phase = Callable[[str, float | None], None]  # progress: (phase name, seconds allowed or None)
 
 
-class TrainingResult(BaseModel):
+@dataclasses.dataclass
+class TrainingResult:
     status: Literal["ok", "crash", "timeout"]
-    reason: str | None = None  # one line, for crash/timeout
     log_tail: str
     seconds: float  # host-clock wall time of the training exec
     peak_memory_bytes: int | None
+    reason: str | None = None  # one line, for crash/timeout
     summary: dict | None = None  # the training's own summary.json (untrusted, informational)
-    checkpoint: bytes | None = None
+    checkpoint: ev.Checkpoint | None = None  # streams ckpt.pt out of the training container, which stays up for it
+    box: Sandbox | None = None
+
+    def release(self) -> None:
+        """Remove the training container (once the checkpoint has streamed out, or was not needed)."""
+        if self.box is not None:
+            self.box.close_later()
+            self.box = None
+
+    def __enter__(self) -> TrainingResult:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class EvaluationResult(BaseModel):
@@ -66,6 +83,34 @@ class EvaluationResult(BaseModel):
     floor_gap: float | None = None
     result: dict | None = None
     seconds: float
+
+
+class _WorkerChannel:
+    """One evaluation worker's pipes; closing it ends the worker and removes its container."""
+
+    def __init__(self, box: Sandbox, process: SandboxProcess):
+        self.box, self.process = box, process
+        self.send, self.read_exact, self.stderr_tail = process.send, process.read_exact, process.stderr_tail
+
+    def close(self) -> None:
+        self.process.close()
+        self.box.close_later()
+
+
+class EvalWorkers:
+    """The scorer and the judge, each in a fresh container of the sandbox image, started ahead of need (while
+    training runs, so that their start and torch's import cost the evaluation nothing)."""
+
+    def __init__(self, channels: dict[str, _WorkerChannel]):
+        self.channels = channels
+
+    def take(self, role: str) -> ev.Channel:
+        return self.channels.pop(role)
+
+    def close_later(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
 
 
 @functools.cache
@@ -104,25 +149,29 @@ class Runner:
         self.work_policy = SandboxPolicy(
             image=image, runtime=config.runtime, gpus=config.gpus, memory_bytes=int(config.memory_gb * 1024**3),
             disk_bytes=int(config.disk_gb * 1024**3), cpus=config.cpus, ro_mounts={TRAIN_DATA: str(data.train_dir)},
+            file_size_bytes=ev.CHECKPOINT_LIMIT,  # the checkpoint's limit is the same on both sides
         )
-        # The driver needs SETUID/SETGID to run the model as the agent's user and KILL to stop it; the
-        # agent's code never runs as root here. /tmp holds the checkpoint and the held-out tokens.
+        # Evaluation workers hold no data and no capability: a read-only root, so the model can write only the
+        # /tmp tmpfs, which is sized to hold the largest checkpoint allowed.
         self.eval_policy = self.work_policy.model_copy(update={
-            "ro_mounts": {}, "cap_add": ("SETUID", "SETGID", "KILL"), "kill_leftovers": False,
-            "tmp_bytes": max(self.work_policy.tmp_bytes, 2 * 1024**3),
+            "ro_mounts": {}, "read_only": True, "tmp_bytes": ev.CHECKPOINT_LIMIT + 256 * 1024**2,
         })
+        self._heldout = None
 
     @property
     def device(self) -> str:
         return "cuda" if self.config.gpus else "cpu"
+
+    @property
+    def time_limit(self) -> float:
+        """The training run's all-in wall clock on the host: start, data, compile, training and saving."""
+        return self.config.time_budget
 
     def train_command(self, out_dir: str) -> list[str]:
         cmd = ["python", "-m", "trainer.train", "--config", self.config.trainer_config, "--data", TRAIN_DATA,
                "--out", out_dir, "--device", self.device, "--seed", str(self.config.seed)]
         if self.config.deterministic_steps:
             cmd += ["--deterministic", "--steps", str(self.config.deterministic_steps)]
-        else:
-            cmd += ["--time-budget", f"{self.config.time_budget:g}"]
         return cmd
 
     # -- training ----------------------------------------------------------------------------------
@@ -130,9 +179,10 @@ class Runner:
               timings: dict[str, float] | None = None, on_start: Callable[[], None] = lambda: None) -> TrainingResult:
         """Train in a fresh container of the snapshot; `on_start` runs once that container is up (the
         caller starts work that can overlap training then, not earlier: the engine starts containers
-        one at a time)."""
+        one at a time). When training succeeded, the result's container stays up until release(): the
+        checkpoint streams from it into the evaluation."""
         out_dir = f"/workspace/.labrat-run-{secrets.token_hex(4)}"  # fresh: an old ckpt.pt can never be picked up
-        limit = self.config.time_budget + self.config.grace
+        limit = self.time_limit
         timings = {} if timings is None else timings
         with timed(timings, "train_start"):
             box = self.store.restore(snapshot, self.work_policy, session=self.session_id, role="train")
@@ -142,15 +192,16 @@ class Runner:
             phase("training", limit)
             on_start()
             failpoints.reach("train.running")
+            # The deadline is the host's: train.py is told it, and the host kills the run there, not later.
+            deadline = {TRAIN_DEADLINE_ENV: f"{time.time() + limit:.3f}"}
             with timed(timings, "train"):
-                run = box.exec(self.train_command(out_dir), timeout=limit)
+                run = box.exec(self.train_command(out_dir), timeout=limit, env=deadline)
             failpoints.reach("train.finished")
-            seconds = run.duration
             log_text = run.stdout + ("\n" + run.stderr if run.stderr.strip() else "")
-            peak = box.peak_memory_bytes()
-            base = dict(log_tail=tail(log_text), seconds=round(seconds, 3), peak_memory_bytes=peak)
+            base = dict(log_tail=tail(log_text), seconds=round(run.duration, 3), peak_memory_bytes=box.peak_memory_bytes())
             if run.limit == "timeout":
-                return TrainingResult(status="timeout", reason=f"training ran past {limit:g} s (budget + grace) and was killed", **base)
+                return TrainingResult(status="timeout", reason=f"training ran past its {limit:g} s budget (all-in, "
+                                      "host clock) and was killed", **base)
             if run.limit in ("memory", "died", "disk"):
                 why = {"memory": f"out of memory at the {self.config.memory_gb:g} GB limit",
                        "died": "the training container stopped unexpectedly",
@@ -159,68 +210,62 @@ class Runner:
             if run.exit_code != 0:
                 last = tail(run.stderr or run.stdout, lines=1) or f"exit code {run.exit_code}"
                 return TrainingResult(status="crash", reason=f"training failed (exit {run.exit_code}): {last}", **base)
-            with timed(timings, "copy_out"), ThreadPoolExecutor(1) as pool:
-                summary_read = pool.submit(box.read_text, f"{out_dir}/summary.json", 1 << 20)
-                try:
-                    checkpoint = box.read_file(f"{out_dir}/ckpt.pt", max_bytes=CHECKPOINT_LIMIT)
-                except SandboxError as exc:
-                    return TrainingResult(status="crash", reason=f"training wrote no usable checkpoint: {exc}", **base)
-                failpoints.reach("train.checkpoint_copied")
-                summary = None
-                with contextlib.suppress(SandboxError, ValueError):
-                    summary = json.loads(summary_read.result())
-                    summary = summary if isinstance(summary, dict) else None
-        return TrainingResult(status="ok", checkpoint=checkpoint, summary=summary, **base)
+            summary = None
+            with timed(timings, "copy_out"), contextlib.suppress(SandboxError, ValueError):
+                summary = json.loads(box.read_text(f"{out_dir}/summary.json", 1 << 20))
+            cleanup.pop_all()  # the container outlives this block: the checkpoint streams from it
+        checkpoint = ev.Checkpoint(lambda: box.stream_file(f"{out_dir}/ckpt.pt", ev.CHECKPOINT_LIMIT),
+                                   f"{out_dir}/ckpt.pt")
+        return TrainingResult(status="ok", checkpoint=checkpoint, box=box,
+                              summary=summary if isinstance(summary, dict) else None, **base)
 
     # -- evaluation --------------------------------------------------------------------------------
-    def start_eval_box(self) -> Sandbox:
-        """A fresh container of the sandbox image for one evaluation (started early, while training runs)."""
-        return Sandbox.start(self.eval_policy, session=self.session_id, role="eval")
-
-    def evaluate(self, checkpoint: bytes, phase: Phase = lambda name, seconds: None,
-                 timings: dict[str, float] | None = None, box: Sandbox | None = None) -> EvaluationResult:
-        timings = {} if timings is None else timings
-        files = {"ckpt.pt": (checkpoint, 0o644), **{n: (d, 0o600) for n, d in self.data.eval_files(self.config.eval_tokens).items()}}
-        seq_len = EVAL_SEQ_LEN[self.config.trainer_config]
-        # One exec: unpack the files root-only (the model may open ckpt.pt, nothing else), then run the
-        # driver. Its stdout ends with the result line; the worker's output goes to the driver's pipes only.
-        script = (f"mkdir -m 711 {EVAL_DIR} && tar -x -f - -C {EVAL_DIR} && exec python -m trainer.evaluate "
-                  f"--checkpoint {EVAL_DIR}/ckpt.pt --data {EVAL_DIR} --eval-tokens {self.config.eval_tokens} "
-                  f"--seq-len {seq_len} --device {self.device} --worker-user {self.work_policy.user}")
-        if box is None:
-            with timed(timings, "eval_start"):
-                box = self.start_eval_box()
+    def start_eval_workers(self) -> EvalWorkers:
+        """Two fresh containers of the sandbox image, each with a worker started (it imports torch, then waits
+        for the checkpoint). Started early, while training runs."""
+        channels: dict[str, _WorkerChannel] = {}
         try:
+            for role in ("score", "judge"):
+                box = Sandbox.start(self.eval_policy, session=self.session_id, role=f"eval-{role}")
+                channels[role] = _WorkerChannel(box, box.spawn(WORKER))
+        except BaseException:
+            EvalWorkers(channels).close_later()
+            raise
+        return EvalWorkers(channels)
+
+    def heldout_tokens(self):
+        if self._heldout is None:
+            self._heldout = load_tokens(self.data.heldout_dir / "val.bin", self.data.meta.get("val_sha256"))
+        return self._heldout
+
+    def evaluate(self, trained: TrainingResult, phase: Phase = lambda name, seconds: None,
+                 timings: dict[str, float] | None = None, workers: EvalWorkers | None = None,
+                 seed: int | None = None) -> EvaluationResult:
+        """Score the trained checkpoint with trainer/evaluate.py's driver, here in the harness, its workers in
+        fresh containers; then remove the training container. `seed` replays a recorded evaluation."""
+        timings = {} if timings is None else timings
+        seq_len = EVAL_SEQ_LEN[self.config.trainer_config]
+        started = time.monotonic()
+        try:
+            if workers is None:
+                with timed(timings, "eval_start"):
+                    workers = self.start_eval_workers()
             phase("evaluating", self.config.eval_timeout)
             failpoints.reach("eval.started")
             failpoints.reach("eval.running")
             with timed(timings, "eval"):
-                run = box.exec(script, input=_tar(files), user="root", timeout=self.config.eval_timeout)
+                result = ev.evaluate(
+                    trained.checkpoint, self.heldout_tokens(), self.device, self.config.eval_tokens, seq_len,
+                    spawn=workers.take, attainable=ev.attainable_for(self.data.meta, seq_len), seed=seed,
+                    timeout=self.config.eval_timeout, answer_timeout=self.config.eval_timeout)
+        except ev.EvaluationError as exc:
+            return EvaluationResult(ok=False, reason=str(exc), seconds=round(time.monotonic() - started, 3))
         finally:
-            box.close_later()
-        seconds = round(run.duration, 3)
-        if run.limit:
-            reason = {"timeout": f"evaluation ran past {self.config.eval_timeout:g} s"}.get(
-                run.limit, f"evaluation stopped: {run.limit}")
-            return EvaluationResult(ok=False, reason=reason, seconds=seconds)
-        try:
-            result = json.loads(run.stdout.strip().splitlines()[-1])
-            assert isinstance(result, dict)
-        except (ValueError, IndexError, AssertionError):
-            last = tail(run.stderr, lines=1) or f"exit code {run.exit_code}"
-            return EvaluationResult(ok=False, reason=f"evaluation failed: {last}", seconds=seconds)
-        if "val_bpb" not in result:
-            return EvaluationResult(ok=False, reason=str(result.get("error", "no metric")), result=result, seconds=seconds)
-        return EvaluationResult(ok=True, metric=result["val_bpb"], floor_gap=result.get("gap_bpb"), result=result,
-                                seconds=seconds)
-
-
-def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
-    """A tar of root-owned files with the given modes (extracted by root, ownership and modes are kept)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, (data, mode) in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.uid, info.gid, info.mtime = len(data), mode, 0, 0, int(time.time())
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+            if workers is not None:
+                workers.close_later()
+            trained.release()
+        floor = self.data.floor_bpb
+        result["floor_bpb"] = floor
+        return EvaluationResult(ok=True, metric=result["val_bpb"], result=result,
+                                floor_gap=result["val_bpb"] - floor if floor is not None else None,
+                                seconds=round(time.monotonic() - started, 3))

@@ -358,7 +358,7 @@ class Session:
                 sources = pool.submit(self._read_sources, parent_sources)
 
                 def while_training() -> None:
-                    standby.add("eval", pool.submit(self.runner.start_eval_box))
+                    standby.add("eval", pool.submit(self.runner.start_eval_workers))
                     standby.add("keep", pool.submit(self.store.restore, snapshot, self.runner.work_policy,
                                                     session=self.session_id, role="work"))
                     standby.add("discard", pool.submit(self._start_box_of, base))
@@ -402,15 +402,16 @@ class Session:
     def _train_and_evaluate(self, snapshot, base: Experiment | None, fields: dict,
                             timings: dict[str, float], standby: _Standby,
                             while_training: Callable[[], None]) -> tuple[str, dict]:
-        trained = self.runner.train(snapshot, phase=self.progress.phase, timings=timings, on_start=while_training)
-        fields.update(train_seconds=trained.seconds, memory_bytes=trained.peak_memory_bytes,
-                      log_tail=trained.log_tail, summary_json=json.dumps(trained.summary) if trained.summary else None)
-        if trained.status != "ok":
-            fields["log_tail"] = f"{trained.reason}\n{trained.log_tail}"
-            return trained.status, fields
-        with timed(timings, "eval_start"):
-            eval_box = standby.take("eval")  # None if training failed before it started: evaluate() starts one
-        evaluated = self.runner.evaluate(trained.checkpoint, phase=self.progress.phase, timings=timings, box=eval_box)
+        with self.runner.train(snapshot, phase=self.progress.phase, timings=timings, on_start=while_training) as trained:
+            fields.update(train_seconds=trained.seconds, memory_bytes=trained.peak_memory_bytes,
+                          log_tail=trained.log_tail,
+                          summary_json=json.dumps(trained.summary) if trained.summary else None)
+            if trained.status != "ok":
+                fields["log_tail"] = f"{trained.reason}\n{trained.log_tail}"
+                return trained.status, fields
+            with timed(timings, "eval_start"):
+                workers = standby.take("eval")  # None if training failed before they started: evaluate() starts them
+            evaluated = self.runner.evaluate(trained, phase=self.progress.phase, timings=timings, workers=workers)
         failpoints.reach("eval.finished")
         fields["eval_json"] = json.dumps(evaluated.result) if evaluated.result else None
         if not evaluated.ok:

@@ -30,6 +30,9 @@ class SandboxPolicy(BaseModel):
     # driver that runs the model as another user). Never for a container that runs agent code as root.
     cap_add: tuple[str, ...] = ()
     no_new_privileges: bool = True
+    # A read-only root file system: the bounded /tmp tmpfs is then the only place a process can write
+    # (for containers that are never snapshotted and must not fill the host's disk, like evaluation's).
+    read_only: bool = False
     init: bool = True  # tini as PID 1 reaps zombies and forwards signals
     pids_limit: int = Field(256, ge=16)
     memory_bytes: int = Field(2 * 1024**3, ge=64 * 1024**2)

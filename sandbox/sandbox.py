@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +43,8 @@ _STDOUT, _STDERR = 1, 2
 _LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
 _CLOSER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sandbox-close")
 _REMOVING: set[concurrent.futures.Future] = set()  # removals close_later() has not finished yet
+STREAM_BUFFER_BYTES = 16 * 1024**2  # stdout a spawned process may have waiting on the host
+STDERR_TAIL_BYTES = 16 * 1024  # stderr kept of a spawned process (head and tail)
 
 
 class ExecResult(BaseModel):
@@ -161,6 +164,7 @@ class Sandbox:
                 Ulimit(name="core", soft=0, hard=0),
             ],
             ipc_mode="private",
+            read_only=policy.read_only,
             environment=dict(policy.env),
             labels=owner_labels(session, role),
             runtime=policy.runtime,
@@ -359,6 +363,46 @@ class Sandbox:
             limit = "disk"  # wrote past the limit between two polls and then exited
         return _RawRun(exit_code, out, err, limit, duration, oom, pids_limited)
 
+    def spawn(self, cmd: list[str], *, user: str | None = None, workdir: str | None = None,
+              env: dict[str, str] | None = None) -> SandboxProcess:
+        """Start `cmd` with live pipes and return at once: its stdin is written and its stdout read while
+        it runs (exec() waits for the end). No wall-clock limit here: the caller reads with deadlines and
+        close() kills the process and every other process of its user in the container."""
+        self._check_open()
+        user = user or self.policy.user
+        api = client().api
+        with engine_errors():
+            try:
+                exec_id = api.exec_create(self.container.id, list(cmd), stdout=True, stderr=True, stdin=True,
+                                          user=user, workdir=workdir or self.policy.workspace,
+                                          environment=env or None)["Id"]
+                sock = api.exec_start(exec_id, socket=True)
+            except docker.errors.NotFound as exc:
+                raise SandboxClosed(f"sandbox {self.name} is gone (its container was removed)") from exc
+            except docker.errors.APIError as exc:
+                if "is not running" in str(exc) or "is paused" in str(exc):
+                    raise SandboxClosed(f"sandbox {self.name} is not running: {exc.explanation}") from exc
+                raise
+        return SandboxProcess(self, exec_id, sock, user)
+
+    def stream_file(self, path: str, max_bytes: int) -> Iterator[bytes]:
+        """The bytes of a workspace file as chunks, never held whole (symlink-safe like read_file). Raises the
+        helper's one-line error (FileMissing, PathRefused, FileTooLarge) when it refuses, even after chunks."""
+        rel = workspace_relpath(path, self.policy.workspace)
+        process = self.spawn([_PYTHON, "-I", "-S", "-c", _FSOPS_SOURCE, "read", self.policy.workspace, rel,
+                              str(max_bytes)], workdir="/")
+        try:
+            process.close_stdin()
+            while chunk := process.read(1 << 20, time.monotonic() + self.policy.exec_timeout):
+                yield chunk
+            exit_code = process.wait(10)
+            if exit_code != 0:
+                lines = process.stderr_tail().strip().splitlines()
+                message = lines[-1] if lines else f"read failed (exit {exit_code})"
+                raise {3: PathRefused, 4: FileMissing, 5: FileTooLarge}.get(exit_code, SandboxError)(message)
+        finally:
+            process.close()
+
     def _disk_check_due(self) -> bool:
         """At most one end-of-exec size check per poll interval: the engine walks the whole writable
         layer for it (~130 ms at 50,000 files). A burst it skips is caught by the next due check, and
@@ -500,6 +544,96 @@ class Sandbox:
 
     def list_dir(self, path: str = ".", max_entries: int = 10_000) -> list[FileEntry]:
         return [FileEntry(**entry) for entry in json.loads(self._fsop("list", path, max_entries))]
+
+
+class SandboxProcess:
+    """A process started by Sandbox.spawn: its stdin written as it runs, its stdout read as it comes (at most
+    STREAM_BUFFER_BYTES buffered: past that the process waits, so a flood costs the host no memory), its
+    stderr drained into a bounded tail. It quacks like trainer.evaluate's Channel."""
+
+    def __init__(self, box: Sandbox, exec_id: str, sock, user: str):
+        self.box, self.exec_id, self.user = box, exec_id, user
+        self._sock, self._raw = sock, getattr(sock, "_sock", sock)
+        self._buffer = bytearray()
+        self._ended = False
+        self._closed = False
+        self._ready = threading.Condition()
+        self._err = _CappedStream(STDERR_TAIL_BYTES)
+        self._pump = threading.Thread(target=self._read_frames, daemon=True, name=f"spawn-{exec_id[:8]}")
+        self._pump.start()
+
+    def _read_frames(self) -> None:
+        with contextlib.suppress(Exception):
+            for stream, data in frames_iter(self._sock, tty=False):
+                if stream == _STDERR:
+                    self._err.feed(data)
+                    continue
+                with self._ready:
+                    while len(self._buffer) > STREAM_BUFFER_BYTES and not self._closed:
+                        self._ready.wait(0.5)
+                    self._buffer += data
+                    self._ready.notify_all()
+        with self._ready:
+            self._ended = True
+            self._ready.notify_all()
+
+    def send(self, data: bytes) -> None:
+        """Write to the process's stdin; OSError once it is gone."""
+        self._raw.sendall(data)
+
+    def close_stdin(self) -> None:
+        with contextlib.suppress(OSError):
+            self._raw.shutdown(socket.SHUT_WR)
+
+    def read(self, max_bytes: int, deadline: float) -> bytes:
+        """Up to max_bytes of stdout as soon as any is there; b"" once it ended; TimeoutError at the deadline."""
+        with self._ready:
+            while not self._buffer and not self._ended:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no output from the process in {self.box.name}")
+                self._ready.wait(remaining)
+            data = bytes(self._buffer[:max_bytes])
+            del self._buffer[:max_bytes]
+            self._ready.notify_all()
+            return data
+
+    def read_exact(self, size: int, deadline: float) -> bytes:
+        """Exactly `size` bytes of stdout, or fewer if it ended first; TimeoutError at the deadline."""
+        parts, got = [], 0
+        while got < size and (chunk := self.read(size - got, deadline)):
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    def stderr_tail(self) -> str:
+        return self._err.text()
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code once the process has ended (None if it has not within `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with engine_errors():
+                info = client().api.exec_inspect(self.exec_id)
+            if not info.get("Running"):
+                return info.get("ExitCode")
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        """End the process and everything else its user runs in the container; safe to call twice."""
+        if self._closed:
+            return
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        self.close_stdin()
+        if self.user != "root" and not self.box._closed:
+            self.box._kill_user_processes(self.user)
+        with contextlib.suppress(Exception):
+            self._raw.close()
+        self._pump.join(timeout=5)
 
 
 class _RawRun(NamedTuple):

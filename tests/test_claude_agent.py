@@ -43,7 +43,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:Depre
 
 # -- helpers ---------------------------------------------------------------------------------------
 def write_config(lab: Path, **settings) -> None:
-    values = {**dict(agent="claude", model="claude-sonnet-4-5", time_budget=3, grace=30, eval_tokens=4096,
+    values = {**dict(agent="claude", model="claude-sonnet-4-5", time_budget=10, eval_tokens=4096,
                      max_experiments=1), **settings}
     (lab / "labrat.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
 

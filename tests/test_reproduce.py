@@ -18,7 +18,6 @@ LABRAT = str(Path(sys.executable).parent / "labrat")
 LAB = """
 deterministic_steps = 10
 time_budget = 20
-grace = 60
 eval_tokens = 2048
 max_experiments = 20
 """

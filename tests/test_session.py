@@ -21,7 +21,6 @@ LABRAT = str(Path(sys.executable).parent / "labrat")
 TINY_LAB = """
 deterministic_steps = 30
 time_budget = 20
-grace = 60
 eval_tokens = 4096
 max_experiments = {n}
 """
@@ -194,7 +193,7 @@ def test_a_session_under_gvisor(tmp_path, runtime, cleanup_snapshots):
 
     lab = tmp_path / "lab"
     cleanup_snapshots.append(lab)
-    config = LabConfig(time_budget=2, grace=60, eval_tokens=4096, max_experiments=1, runtime=runtime)
+    config = LabConfig(time_budget=10, eval_tokens=4096, max_experiments=1, runtime=runtime)
     with Session(lab, config, agent="offline") as session:
         assert client().api.inspect_container(session.box.container.id)["HostConfig"]["Runtime"] == "runsc"
         assert session.box.exec("cat /data/train.bin | wc -c").stdout.strip() == str(session.data.meta["train_tokens"])

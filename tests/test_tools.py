@@ -15,7 +15,7 @@ EDIT = "str_replace_based_edit_tool"
 @pytest.fixture(scope="module")
 def toolbox(tmp_path_factory):
     lab = tmp_path_factory.mktemp("lab")
-    config = LabConfig(time_budget=3, grace=30, eval_tokens=4096, max_experiments=1, max_tool_calls=500)
+    config = LabConfig(time_budget=10, eval_tokens=4096, max_experiments=1, max_tool_calls=500)
     with Session(lab, config, agent="test") as session:
         yield Toolbox(session)
     SnapshotStore().gc(keep=[], name_prefix=session.lab_id)

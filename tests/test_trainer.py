@@ -52,12 +52,12 @@ def test_evaluation_is_exact_on_the_true_distribution(data, tmp_path):
     ckpt = _checkpoint(tmp_path / "oracle.pt", MODELS / "oracle.py", config)
     val = prepare.load_tokens(data / "val.bin")
     seq_len, n_tokens = 4096, 65_536
-    result = ev.evaluate(ckpt, val, eval_tokens=n_tokens, seq_len=seq_len, batch_size=2)
-    # Direct: run the same oracle in-process and score it by hand, in float64.
+    result = ev.evaluate(ckpt, val, eval_tokens=n_tokens, seq_len=seq_len, batch_tokens=2 * seq_len)
+    # Direct: run the same oracle in-process on the same rows (disjoint windows of seq_len + 1), in float64.
     oracle = ev.load_model(ckpt)
     windows = n_tokens // seq_len
-    x = torch.from_numpy(np.asarray(val[: windows * seq_len], dtype=np.int64).reshape(windows, seq_len))
-    y = torch.from_numpy(np.asarray(val[1 : windows * seq_len + 1], dtype=np.int64).reshape(windows, seq_len))
+    rows = np.asarray(val[: windows * (seq_len + 1)], dtype=np.int64).reshape(windows, seq_len + 1)
+    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
     log_p = torch.log_softmax(oracle(x).double(), -1).gather(-1, y.unsqueeze(-1))
     direct = float(-log_p.sum() / np.log(2) / y.numel())
     assert result["tokens_evaluated"] == n_tokens

@@ -1,34 +1,52 @@
-"""Protected evaluation: bits per byte on held-out data, computed here from the model's logits.
+"""Protected evaluation: bits per byte on held-out data, computed by the driver from the model's logits.
 
     python -m trainer.evaluate --checkpoint out/ckpt.pt --data data/ --out result.json
 
-Two processes. The *driver* (this module's `evaluate`) holds the validation tokens and computes
-the metric; it never imports or unpickles anything the agent wrote. A *worker* subprocess loads
-the checkpoint (the agent's model code and weights) and only ever receives input batches, to
-which it answers with logits. The driver:
+The *driver* (`evaluate`) holds the validation tokens and computes the metric; it never imports or
+unpickles anything the agent wrote. Two *workers* run the agent's model and only ever receive input
+batches, to which they answer with logits. In labrat the driver runs in the harness's own process
+and each worker in a fresh container of the sandbox image (no held-out data there); run bare, the
+workers are two subprocesses. The model is assumed hostile: it may keep state between calls, know
+this file, return any finite numbers, time its answers, and inspect its environment.
 
-* normalises the logits itself (log-softmax) and takes the targets' log-probabilities: a loss the
-  model reports is never used;
-* checks causality on batches the worker cannot tell apart from evaluation batches: the same
-  validation text with everything after a random cut replaced by other validation text; logits
-  before the cut must not change, or the model is rejected as looking ahead;
-* rejects non-finite or misshapen logits with a clear reason.
+* **Scoring.** The *scorer* gets every scored row once, in a secret random order. Rows are disjoint
+  windows of seq_len + 1 tokens, so no row's last target is an input anywhere. The driver normalises
+  the logits itself (float32 log-softmax) and any non-finite log-probability rejects the model.
+* **Causality.** Once the scorer has answered everything and is gone, a second worker, the *judge*,
+  which shares no process, file system or memory with it, gets every row again: its true prefix up to
+  a secret random cut per row, then tokens from an unscored part of the held-out data, grouped with
+  other companions and in another order (a quarter of the rows whole, so that dependence on other rows
+  or on the call history is checked at every position, the last included). Before the cut, the
+  log-probability of each true target must match the scorer's within CAUSALITY_TOLERANCE. The judge
+  never sees the token after a cut and the scorer never learns the cut, so an answer that used a later
+  token cannot be matched. The cuts come from a fresh secret seed, recorded in the result.
+* **Impossible results.** Given the data's attainable floor at this context length (the synthetic
+  corpus has one), a score below it by more than FLOOR_MARGIN_SE standard errors is refused.
+* **Protocol.** Answers have a fixed size known in advance (a malformed one is refused, never parsed);
+  the worker's own stdout is moved to stderr before the model loads, stderr is drained into a bounded
+  tail, and every answer has a deadline on the driver's clock.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
-import io
 import json
 import math
-import pwd
+import os
+import secrets
+import select
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import types
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,34 +55,50 @@ import torch.nn.functional as F
 # ---- knobs -------------------------------------------------------------------------------------
 EVAL_TOKENS = 131_072  # validation tokens scored (a fixed number, so runs are comparable)
 EVAL_SEQ_LEN = 128  # context of each scored window; the harness passes the lab's (2048 for the gpu config)
-EVAL_BATCH = 16
-CAUSALITY_PROBES = 4  # probe batches mixed among the evaluation batches
-CAUSALITY_TOLERANCE = 1e-3  # max |Δ log-prob| before the cut (float32 CPU is ~1e-6; bf16 GPU more)
-PROBE_SEED = 0x5EED
+BATCH_TOKENS = 8192  # tokens per forward call: rows per batch = BATCH_TOKENS // seq_len
+VOCAB = 256  # byte tokens
+WHOLE_ROW_PROBES = 0.25  # fraction of judged rows compared at every position (cut = seq_len)
+CAUSALITY_TOLERANCE = 1e-3  # max |Δ log-prob of a true target| (float32 CPU differs by ~1e-6 across batchings)
+FLOOR_MARGIN_SE = 4.0  # refuse val_bpb < attainable - 4 standard errors (an honest model: ~3e-5 chance)
+POOL_MIN_TOKENS = 4096  # unscored held-out tokens kept aside to fill the judge's rows after their cuts
+ANSWER_TIMEOUT = 300.0  # seconds a worker may take to load the model or answer one batch
+CHECKPOINT_LIMIT = 2 * 1024**3  # bytes; the sandbox's per-file limit (RLIMIT_FSIZE) is the same
+CHUNK = 1 << 20
+STDERR_TAIL_BYTES = 8192
+MESSAGE_LIMIT = 4096  # bytes of a worker's error message
+
+# Wire format: a message is a 4-byte tag and a little-endian uint64 payload size, then the payload.
+_HEADER = struct.Struct("<4sQ")
+CKPT, END, LOAD, BATCH, READY, LOGITS, FAIL = b"CKPT", b"END.", b"LOAD", b"BTCH", b"REDY", b"LGTS", b"FAIL"
 
 
 class EvaluationError(Exception):
-    """The model could not be evaluated (crashed, non-causal, non-finite output); the reason is the message."""
+    """The model could not be evaluated (crashed, non-causal, non-finite, impossible); the reason is the message."""
 
 
-# ---- wire format: length-prefixed tensors over the worker's stdin/stdout -------------------------
-def _send(stream, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    data = buffer.getvalue()
-    stream.write(struct.pack("<Q", len(data)) + data)
-    stream.flush()
+class Channel(Protocol):
+    """A worker's pipes as the driver sees them: a subprocess here, a process in a container in labrat."""
+
+    def send(self, data: bytes) -> None: ...  # raises OSError once the worker is gone
+    def read_exact(self, size: int, deadline: float) -> bytes: ...  # fewer bytes: EOF; raises TimeoutError
+    def stderr_tail(self) -> str: ...
+    def close(self) -> None: ...  # ends the worker and every process it started
 
 
-def _receive(stream) -> np.ndarray | None:
-    header = stream.read(8)
-    if len(header) < 8:
-        return None
-    (size,) = struct.unpack("<Q", header)
-    data = stream.read(size)
-    if len(data) < size:
-        return None
-    return np.load(io.BytesIO(data), allow_pickle=False)
+class Checkpoint:
+    """A checkpoint as a stream of chunks (never held whole: it may be as large as CHECKPOINT_LIMIT)."""
+
+    def __init__(self, chunks: Callable[[], Iterable[bytes]], describe: str = "checkpoint"):
+        self.chunks = chunks
+        self.describe = describe
+
+    @classmethod
+    def from_file(cls, path: Path) -> Checkpoint:
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+        return cls(chunks, str(path))
 
 
 # ---- worker: runs the agent's model, sees only inputs ------------------------------------------
@@ -78,117 +112,373 @@ def load_model(checkpoint: Path, device: str = "cpu") -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def worker(checkpoint: Path, device: str) -> int:
-    model = load_model(checkpoint, device)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+def _read_message(stream) -> tuple[bytes, bytes] | None:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    tag, size = _HEADER.unpack(header)
+    if size > CHUNK * 16:
+        raise ValueError(f"message of {size} bytes")
+    payload = stream.read(size)
+    return (tag, payload) if len(payload) == size else None
+
+
+def _write_message(stream, tag: bytes, payload: bytes = b"") -> None:
+    stream.write(_HEADER.pack(tag, len(payload)) + payload)
+    stream.flush()
+
+
+def worker(scratch: Path) -> int:
+    """The worker loop: receive the checkpoint, load the model when told, answer batches with logits.
+
+    The protocol uses private copies of stdin/stdout; fd 1 then points at stderr, so whatever the model
+    prints (print(), a C library) lands in the driver's bounded stderr tail, never in an answer."""
+    proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
+    proto_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(2, 1)
+    reader = _BufferedReader(proto_in)
+
+    def fail(message: str) -> int:
+        _write_message(proto_out, FAIL, message.encode("utf-8", "replace")[:MESSAGE_LIMIT])
+        return 3
+
+    path = Path(tempfile.mkdtemp(dir=scratch)) / "ckpt.pt"
+    received = 0
+    with open(path, "wb") as out:
+        while (message := _read_message(reader)) is not None and message[0] == CKPT:
+            received += len(message[1])
+            if received > CHECKPOINT_LIMIT:
+                return fail(f"the checkpoint is over the {CHECKPOINT_LIMIT}-byte limit")
+            out.write(message[1])
+    if message is None or message[0] != END:
+        return 2  # the driver went away, or aborted the transfer
+    if (message := _read_message(reader)) is None or message[0] != LOAD:
+        return 2  # not needed after all (the driver stopped before this worker's turn)
+    device = json.loads(message[1])["device"]
+    try:
+        model = load_model(path, device)
+    except Exception as exc:  # anything the agent's code raises is the model's failure, reported in one line
+        return fail(f"the model could not be loaded: {type(exc).__name__}: {exc}")
+    _write_message(proto_out, READY)
     with torch.no_grad():
-        while (batch := _receive(stdin)) is not None:
-            logits = model(torch.from_numpy(batch.astype(np.int64)).to(device))
-            _send(stdout, logits.float().cpu().numpy())
+        while (message := _read_message(reader)) is not None and message[0] == BATCH:
+            rows, cols = struct.unpack_from("<II", message[1])
+            batch = np.frombuffer(message[1], dtype=np.uint8, offset=8).reshape(rows, cols)
+            try:
+                logits = model(torch.from_numpy(batch.astype(np.int64)).to(device))
+            except Exception as exc:
+                return fail(f"the model's forward pass raised {type(exc).__name__}: {exc}")
+            if not isinstance(logits, torch.Tensor):
+                return fail(f"the model returned {type(logits).__name__}, expected a tensor of logits")
+            if tuple(logits.shape) != (rows, cols, VOCAB):
+                return fail(f"the model returned logits of shape {tuple(logits.shape)}, expected {(rows, cols, VOCAB)}")
+            if not logits.is_floating_point():
+                return fail(f"the model returned {logits.dtype} logits, expected a floating-point tensor")
+            data = logits.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes()
+            proto_out.write(_HEADER.pack(LOGITS, len(data)))
+            proto_out.write(data)
+            proto_out.flush()
     return 0
 
 
+class _BufferedReader:
+    """read(n) that returns n bytes unless the stream ends (a raw pipe returns short reads)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def read(self, size: int) -> bytes:
+        parts, got = [], 0
+        while got < size:
+            chunk = self.raw.read(min(size - got, CHUNK))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+
 # ---- driver: holds the data, computes the metric -----------------------------------------------
-class _Worker:
-    def __init__(self, checkpoint: Path, device: str, user: str | None = None):
-        # The worker runs the agent's code: it only ever gets inputs. Run as another `user` (the driver
-        # must be root, or hold CAP_SETUID/CAP_SETGID), it cannot even read the validation file.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer.evaluate", "--worker", str(Path(checkpoint).resolve()), "--device", device],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=Path(__file__).resolve().parent.parent,
-            user=user, group=pwd.getpwnam(user).pw_gid if user else None, extra_groups=[] if user else None,
-        )
+class ProcessChannel:
+    """A worker subprocess (bare use: `python -m trainer.evaluate`, tests). Its stderr is drained on a
+    thread into a bounded tail, so a model that floods it can neither block nor exhaust the driver."""
 
-    def logits(self, batch: np.ndarray) -> torch.Tensor:
-        try:
-            _send(self.proc.stdin, batch)
-            answer = _receive(self.proc.stdout)
-        except (BrokenPipeError, ValueError):
-            answer = None
-        if answer is None:
-            raise EvaluationError(f"the model crashed during evaluation: {self._stderr_tail()}")
-        expected = (*batch.shape, 256)
-        if answer.shape != expected:
-            raise EvaluationError(f"the model returned logits of shape {answer.shape}, expected {expected}")
-        logits = torch.from_numpy(np.array(answer, dtype=np.float32))
-        if not torch.isfinite(logits).all():
-            raise EvaluationError("the model returned non-finite logits (NaN or inf)")
-        return F.log_softmax(logits, dim=-1)
+    def __init__(self, argv: list[str], cwd: Path | None = None, user: str | None = None):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     cwd=cwd, user=user, start_new_session=True)
+        self._tail: collections.deque[bytes] = collections.deque()
+        self._tail_bytes = 0
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
 
-    def _stderr_tail(self) -> str:
-        self._stop()
-        tail = self.proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
-        return tail[-1] if tail else f"exit code {self.proc.returncode}"
+    def _drain_stderr(self) -> None:
+        while chunk := self.proc.stderr.read1(65536):
+            self._tail.append(chunk)
+            self._tail_bytes += len(chunk)
+            while self._tail_bytes - len(self._tail[0]) >= STDERR_TAIL_BYTES:
+                self._tail_bytes -= len(self._tail.popleft())
 
-    def _stop(self) -> None:
-        """End the worker: EOF on its stdin ends its loop; SIGKILL only if it does not (needs CAP_KILL
-        when the worker runs as another user)."""
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def send(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def read_exact(self, size: int, deadline: float) -> bytes:
+        fd, parts, got = self.proc.stdout.fileno(), [], 0
+        while got < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            if not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, min(size - got, CHUNK))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    def stderr_tail(self) -> str:
+        return b"".join(self._tail)[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
 
     def close(self) -> None:
-        self._stop()
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError, ValueError):
+                os.killpg(self.proc.pid, 9)  # its own session: the model's children go too
+            self.proc.wait()
+        self._drain.join(timeout=5)
         for stream in (self.proc.stdout, self.proc.stderr):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 stream.close()
 
 
-def evaluate(checkpoint: Path, val_tokens: np.ndarray, device: str = "cpu", eval_tokens: int = EVAL_TOKENS,
-             seq_len: int = EVAL_SEQ_LEN, batch_size: int = EVAL_BATCH, worker_user: str | None = None) -> dict:
-    """val_bpb of the checkpoint on the first `eval_tokens` predictions of `val_tokens`, plus the causality verdict."""
-    started = time.perf_counter()
-    windows = min(eval_tokens // seq_len, (len(val_tokens) - 1) // seq_len)
-    if windows < 1:
-        raise EvaluationError(f"need at least {seq_len + 1} validation tokens, got {len(val_tokens)}")
-    tokens = np.asarray(val_tokens[: windows * seq_len + 1], dtype=np.int64)
-    inputs = tokens[:-1].reshape(windows, seq_len)
-    targets = torch.from_numpy(tokens[1:].reshape(windows, seq_len))
-    rng = np.random.default_rng(PROBE_SEED)
-    batch_starts = list(range(0, windows, batch_size))
-    probe_after = set(rng.choice(len(batch_starts), size=min(CAUSALITY_PROBES, len(batch_starts)), replace=False))
-    worker = _Worker(checkpoint, device, worker_user)
-    total_bits, scored, max_leak = 0.0, 0, 0.0
+def local_worker(user: str | None = None) -> Callable[[str], Channel]:
+    """spawn() for bare use: each worker a fresh subprocess of this module (no container isolation)."""
+    root = Path(__file__).resolve().parent.parent
+    scratch = tempfile.gettempdir()
+    return lambda role: ProcessChannel([sys.executable, "-m", "trainer.evaluate", "--worker", scratch],
+                                       cwd=root, user=user)
+
+
+class _Worker:
+    """The driver's side of one worker: sends messages, validates every answer before using it."""
+
+    def __init__(self, channel: Channel, role: str, deadline: float, answer_timeout: float):
+        self.channel = channel
+        self.role = role
+        self.deadline = deadline
+        self.answer_timeout = answer_timeout
+
+    def send(self, tag: bytes, payload: bytes = b"") -> None:
+        try:
+            self.channel.send(_HEADER.pack(tag, len(payload)) + payload)
+        except (OSError, ValueError):
+            raise self._gone() from None
+
+    def receive(self, expected: bytes, size: int | None, what: str) -> bytes:
+        deadline = min(time.monotonic() + self.answer_timeout, self.deadline)
+        try:
+            header = self.channel.read_exact(_HEADER.size, deadline)
+            if len(header) < _HEADER.size:
+                raise self._gone()
+            tag, length = _HEADER.unpack(header)
+            if tag == FAIL and length <= MESSAGE_LIMIT:
+                message = self.channel.read_exact(length, deadline).decode("utf-8", "replace")
+                raise EvaluationError(_one_line(message))
+            if tag != expected or (size is not None and length != size):
+                raise EvaluationError(f"the model's {what} was malformed ({tag!r}, {length} bytes; expected "
+                                      f"{expected!r}, {size} bytes): it wrote to the evaluation's channel")
+            payload = self.channel.read_exact(length, deadline)
+        except TimeoutError:
+            limit = "the evaluation's time limit" if deadline == self.deadline else f"{self.answer_timeout:g} s"
+            raise EvaluationError(f"the model did not answer ({what}) within {limit}") from None
+        if len(payload) < length:
+            raise self._gone()
+        return payload
+
+    def _gone(self) -> EvaluationError:
+        lines = [line for line in self.channel.stderr_tail().strip().splitlines() if line.strip()]
+        return EvaluationError(f"the model crashed during evaluation: {_one_line(lines[-1]) if lines else 'it exited'}")
+
+    def load(self, device: str) -> None:
+        self.send(LOAD, json.dumps({"device": device}).encode())
+        self.receive(READY, 0, "answer to loading")
+
+    def log_probs(self, batch: np.ndarray, what: str) -> torch.Tensor:
+        """Log-probabilities the driver computes from the worker's logits for `batch` (rows, cols)."""
+        rows, cols = batch.shape
+        self.send(BATCH, struct.pack("<II", rows, cols) + np.ascontiguousarray(batch, dtype=np.uint8).tobytes())
+        data = self.receive(LOGITS, rows * cols * VOCAB * 4, what)
+        logits = torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(rows, cols, VOCAB).copy())
+        if not torch.isfinite(logits).all():
+            raise EvaluationError("model rejected: it returned non-finite logits (NaN or inf)")
+        log_probs = F.log_softmax(logits, dim=-1)
+        if not torch.isfinite(log_probs).all():
+            extreme = float(logits.abs().max())
+            raise EvaluationError(f"model rejected: its log-probabilities are not finite (logits as large as "
+                                  f"{extreme:.3g} overflow float32 log-softmax)")
+        return log_probs
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(text.split())[:limit]
+
+
+class Plan:
+    """Where the rows come from, the scorer's order, and the judge's cuts: all drawn from one secret seed."""
+
+    def __init__(self, n_tokens: int, eval_tokens: int, seq_len: int, batch_tokens: int, seed: int):
+        stride = seq_len + 1
+        self.rows = min(eval_tokens // seq_len, max(0, n_tokens - max(POOL_MIN_TOKENS, stride)) // stride)
+        if self.rows < 1:
+            raise EvaluationError(f"need at least {stride + max(POOL_MIN_TOKENS, stride)} validation tokens, "
+                                  f"got {n_tokens}")
+        self.seq_len, self.stride, self.seed = seq_len, stride, seed
+        self.pool_start = self.rows * stride  # unscored tokens: what the judge sees after a cut
+        rng = np.random.default_rng(seed)
+        per_batch = max(1, batch_tokens // seq_len)
+        order = rng.permutation(self.rows)
+        self.score_batches = [order[i : i + per_batch] for i in range(0, self.rows, per_batch)]
+        whole = rng.random(self.rows) < WHOLE_ROW_PROBES
+        self.cuts = np.where(whole, seq_len, rng.integers(1, seq_len, size=self.rows))  # positions < cut compared
+        by_cut = np.lexsort((rng.random(self.rows), self.cuts))  # similar lengths batch together
+        judge = [by_cut[i : i + per_batch] for i in range(0, self.rows, per_batch)]
+        self.judge_batches = [judge[i] for i in rng.permutation(len(judge))]
+        self.pool_offsets = rng.integers(0, 1 << 62, size=self.rows)
+
+    def inputs(self, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        starts = rows[:, None] * self.stride + np.arange(self.seq_len)[None, :]
+        return tokens[starts]
+
+    def targets(self, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return tokens[rows[:, None] * self.stride + 1 + np.arange(self.seq_len)[None, :]]
+
+    def judge_inputs(self, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Each row's true prefix up to its cut, then unscored held-out tokens, as long as the batch's longest cut."""
+        width = int(self.cuts[rows].max())
+        batch = self.inputs(tokens, rows)[:, :width].copy()
+        pool = tokens[self.pool_start :]
+        for i, row in enumerate(rows):
+            cut = int(self.cuts[row])
+            if cut < width:
+                start = int(self.pool_offsets[row] % max(1, len(pool) - width))
+                batch[i, cut:] = pool[start : start + width - cut]
+        return batch
+
+
+def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str = "cpu",
+             eval_tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN, *, batch_tokens: int = BATCH_TOKENS,
+             spawn: Callable[[str], Channel] | None = None, attainable: tuple[float, float] | None = None,
+             seed: int | None = None, timeout: float = 3600.0, answer_timeout: float = ANSWER_TIMEOUT,
+             on_phase: Callable[[str], None] = lambda name: None) -> dict:
+    """val_bpb of the checkpoint on held-out rows of `val_tokens`, with the causality and floor verdicts.
+
+    `spawn(role)` starts a worker ("score", then "judge"); `seed` replays an earlier evaluation's
+    secret draws (reproduction), otherwise a fresh one is drawn. Raises EvaluationError with a one-line
+    reason when the model is rejected."""
+    started = time.monotonic()
+    checkpoint = Checkpoint.from_file(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    seed = secrets.randbits(63) if seed is None else int(seed)
+    tokens = np.asarray(val_tokens, dtype=np.uint8)
+    plan = Plan(len(tokens), eval_tokens, seq_len, batch_tokens, seed)
+    spawn = spawn or local_worker()
+    deadline = started + timeout
+    timings: dict[str, float] = {}
+    channels = [spawn("score"), spawn("judge")]
     try:
-        for index, start in enumerate(batch_starts):
-            x = inputs[start : start + batch_size]
-            log_probs = worker.logits(x)
-            picked = log_probs.gather(-1, targets[start : start + batch_size].unsqueeze(-1)).squeeze(-1)
-            total_bits += float(-picked.double().sum()) / math.log(2)
-            scored += picked.numel()
-            if index in probe_after:
-                max_leak = max(max_leak, _causality_probe(worker, x, log_probs, inputs, rng))
+        scorer, judge = (_Worker(c, role, deadline, answer_timeout) for c, role in zip(channels, ("score", "judge")))
+        on_phase("checkpoint")
+        _send_checkpoint(checkpoint, (scorer, judge))
+        timings["checkpoint"] = time.monotonic() - started
+        # Scoring: every row once; keep only the log-probability of each true target.
+        on_phase("scoring")
+        picked = np.zeros((plan.rows, seq_len), dtype=np.float64)
+        scorer.load(device)
+        for index, rows in enumerate(plan.score_batches):
+            log_probs = scorer.log_probs(plan.inputs(tokens, rows), f"batch {index + 1} of {len(plan.score_batches)}")
+            target = torch.from_numpy(plan.targets(tokens, rows).astype(np.int64))
+            picked[rows] = log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1).double().numpy()
+        channels[0].close()  # gone before the judge's model code starts: no channel, not even timing, between them
+        timings["score"] = time.monotonic() - started - sum(timings.values())
+        # Judging: every row again, cut, recombined and reordered; earlier targets must not move.
+        on_phase("judging")
+        judge.load(device)
+        max_delta, worst = 0.0, None
+        for index, rows in enumerate(plan.judge_batches):
+            batch = plan.judge_inputs(tokens, rows)
+            log_probs = judge.log_probs(batch, f"probe {index + 1} of {len(plan.judge_batches)}")
+            target = torch.from_numpy(plan.targets(tokens, rows)[:, : batch.shape[1]].astype(np.int64))
+            judged = log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1).double().numpy()
+            for i, row in enumerate(rows):
+                cut = int(plan.cuts[row])
+                delta = np.abs(judged[i, :cut] - picked[row, :cut])  # finite: both sides were checked
+                if delta.size and (d := float(delta.max())) > max_delta:
+                    max_delta, worst = d, (int(row), int(delta.argmax()), cut)
+        timings["judge"] = time.monotonic() - started - sum(timings.values())
     finally:
-        worker.close()
-    causal = max_leak <= CAUSALITY_TOLERANCE
+        for channel in channels:
+            channel.close()
+    bits = -picked / math.log(2)
+    per_row = bits.mean(axis=1)
+    val_bpb = float(bits.mean())  # byte-level tokens: one token is one byte
+    se = float(per_row.std(ddof=1) / math.sqrt(plan.rows)) if plan.rows > 1 else float("inf")
     result = {
-        "val_bpb": total_bits / scored,  # byte-level tokens: one token is one byte
-        "tokens_evaluated": scored,
-        "causal": causal,
-        "causality_max_delta": max_leak,
-        "seconds": round(time.perf_counter() - started, 3),
+        "val_bpb": val_bpb,
+        "val_bpb_se": se,
+        "tokens_evaluated": int(bits.size),
+        "rows": plan.rows,
+        "seq_len": seq_len,
+        "causal": max_delta <= CAUSALITY_TOLERANCE,
+        "causality_max_delta": max_delta,
+        "causality_positions_checked": int(plan.cuts.sum()),
+        "causality_whole_rows": int((plan.cuts == seq_len).sum()),
+        "probe_seed": f"{seed:016x}",
+        "seconds": round(time.monotonic() - started, 3),
+        "phase_seconds": {name: round(value, 3) for name, value in timings.items()},
     }
-    if not causal:
+    if not result["causal"]:
+        row, position, cut = worst
         raise EvaluationError(
-            f"model rejected: it looks ahead (earlier log-probs changed by up to {max_leak:.3g} when later tokens "
-            f"changed; tolerance {CAUSALITY_TOLERANCE})"
-        )
+            f"model rejected: it looks ahead (the log-prob of a true target changed by {max_delta:.3g} when only "
+            f"later tokens or other rows changed: row {row}, position {position}, cut {cut}; tolerance "
+            f"{CAUSALITY_TOLERANCE})")
+    if attainable is not None:
+        floor, floor_se = attainable
+        margin = FLOOR_MARGIN_SE * math.hypot(se, floor_se)
+        result.update(attainable_bpb=floor, attainable_bpb_se=floor_se, attainable_gap_bpb=val_bpb - floor)
+        if val_bpb < floor - margin:
+            raise EvaluationError(
+                f"impossible result refused: val_bpb {val_bpb:.4f} is below the attainable {floor:.4f} at context "
+                f"{seq_len} by more than {FLOOR_MARGIN_SE:g} standard errors ({margin:.4f}): the model must see "
+                "the held-out targets")
     return result
 
 
-def _causality_probe(worker: _Worker, x: np.ndarray, log_probs: torch.Tensor, inputs: np.ndarray, rng) -> float:
-    """Replace everything after a random cut with other real validation text; earlier log-probs must not move."""
-    cut = int(rng.integers(1, x.shape[1]))
-    other = inputs[rng.integers(0, len(inputs), size=x.shape[0])]
-    probe = x.copy()
-    probe[:, cut:] = other[:, cut:]
-    changed = worker.logits(probe)
-    return float((changed[:, :cut] - log_probs[:, :cut]).abs().max())
+def _send_checkpoint(checkpoint: Checkpoint, workers: tuple[_Worker, ...]) -> None:
+    """Stream the checkpoint to every worker at once, chunk by chunk (the driver never holds it whole)."""
+    sent = 0
+    try:
+        for chunk in checkpoint.chunks():
+            sent += len(chunk)
+            if sent > CHECKPOINT_LIMIT:
+                raise EvaluationError(f"the checkpoint is over the {CHECKPOINT_LIMIT}-byte limit")
+            for start in range(0, len(chunk), CHUNK):
+                for w in workers:
+                    w.send(CKPT, chunk[start : start + CHUNK])
+    except OSError as exc:
+        raise EvaluationError(f"no usable checkpoint: {exc}") from None
+    for w in workers:
+        w.send(END)
+
+
+def attainable_for(meta: dict, seq_len: int) -> tuple[float, float] | None:
+    """The data's attainable (mean, standard error) bpb at this context length, if prepare.py knows it."""
+    known = (meta.get("attainable_bpb") or {}).get(str(seq_len))
+    return (float(known[0]), float(known[1])) if known else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,18 +489,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     parser.add_argument("--seq-len", type=int, default=EVAL_SEQ_LEN)
+    parser.add_argument("--seed", type=lambda text: int(text, 16), default=None, help="replay a recorded probe_seed")
     parser.add_argument("--worker-user", default=None, help="run the model as this user (driver must be root)")
-    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a worker, with this scratch directory
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.device)
+        return worker(args.worker)
     from trainer.prepare import DataError, load_meta, load_tokens
 
+    meta = {}
     try:
         meta = load_meta(args.data)
         val = load_tokens(args.data / "val.bin", meta.get("val_sha256"))
-        result = evaluate(args.checkpoint, val, args.device, args.eval_tokens, args.seq_len,
-                          worker_user=args.worker_user)
+        result = evaluate(args.checkpoint, val, args.device, args.eval_tokens, args.seq_len, seed=args.seed,
+                          spawn=local_worker(user=args.worker_user), attainable=attainable_for(meta, args.seq_len))
     except (DataError, EvaluationError) as exc:
         result = {"error": str(exc)}
         print(f"evaluate: error: {exc}", file=sys.stderr)

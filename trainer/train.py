@@ -7,6 +7,10 @@
 Reads only the training split. Writes out/ckpt.pt (this file's source, the config and the weights:
 everything the evaluator needs to rebuild the model) and out/summary.json. The metric is not
 computed here: trainer/evaluate.py scores the checkpoint on held-out data.
+
+The time budget is all-in wall clock: under labrat the harness passes its deadline (host clock) and
+kills the run there, so start-up, data loading, compilation and saving all come out of the budget;
+training stops SAVE_RESERVE_SECONDS before the deadline to leave time to save and exit.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.prepare import training_deadline
+
 # ---- knobs (the agent's search space) ----------------------------------------------------------
 CONFIGS = {
     # Learns visibly in 30-60 s on 2 CPU cores.
@@ -41,6 +47,7 @@ CONFIGS = {
     ),
 }
 VOCAB_SIZE = 256  # byte tokens (trainer/prepare.py)
+SAVE_RESERVE_SECONDS = 2.0  # stop training this long before the deadline: saving and exiting must fit
 ADAM_BETAS = (0.9, 0.95)
 ROPE_MIN_POSITIONS = 2048  # the evaluator may use a longer context than training did
 LOG_EVERY_SECONDS = 5.0
@@ -164,8 +171,10 @@ def peak_memory_bytes(device: str) -> int:
 
 
 def train(cfg: dict, train_tokens: np.ndarray, out: Path, device: str, steps: int | None = None,
-          seed: int = 1337, deterministic: bool = False) -> dict:
-    """Train until the wall-clock budget (or `steps`) is used up; write the checkpoint and the summary."""
+          seed: int = 1337, deterministic: bool = False, deadline: float | None = None) -> dict:
+    """Train until `deadline` (time.time() seconds; default: the config's budget from now) less the save
+    reserve, or for `steps`; write the checkpoint and the summary."""
+    deadline = time.time() + cfg["time_budget"] if deadline is None else deadline
     torch.manual_seed(seed)
     if deterministic:
         # One thread fixes the order of floating-point reductions, so reruns are bit-identical.
@@ -178,15 +187,18 @@ def train(cfg: dict, train_tokens: np.ndarray, out: Path, device: str, steps: in
     step_fn = torch.compile(model) if cfg["compile"] and device == "cuda" and not deterministic else model
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16")
     data = batches(train_tokens, cfg["batch_size"], cfg["seq_len"], torch.Generator().manual_seed(seed), device)
-    budget = cfg["time_budget"]
     tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
+    loop_start = time.time()
+    stop_at = deadline - SAVE_RESERVE_SECONDS
     print(f"train: {n_params / 1e6:.2f} M parameters, {tokens_per_step} tokens/step, "
-          f"{'%d steps' % steps if steps else '%.0f s budget' % budget} on {device}", flush=True)
+          f"{'%d steps' % steps if steps else '%.1f s left of the budget' % (stop_at - loop_start)} on {device}",
+          flush=True)
 
     step, train_seconds, loss_value, last_log = 0, 0.0, float("nan"), 0.0
-    warm_steps = 2 if cfg["compile"] and device == "cuda" else 0  # compile time is not training time
+    warm_steps = 2 if cfg["compile"] and device == "cuda" else 0  # compile steps are left out of tokens/s
     while True:
-        progress = step / steps if steps else train_seconds / budget
+        now = time.time()
+        progress = step / steps if steps else (now - loop_start) / max(stop_at - loop_start, 1e-9)
         if progress >= 1.0:
             break
         started = time.perf_counter()
@@ -232,8 +244,10 @@ def train(cfg: dict, train_tokens: np.ndarray, out: Path, device: str, steps: in
         peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in summary["device"]), None)
         summary["mfu"] = tokens_per_s * flops_per_token(model, cfg) / peak if peak else None
     out.mkdir(parents=True, exist_ok=True)
+    partial = out / "ckpt.pt.partial"  # renamed when complete: a run killed while saving leaves no ckpt.pt
     torch.save({"source": Path(__file__).read_text(), "source_name": "train.py", "config": model_cfg,
-                "model": model.state_dict()}, out / "ckpt.pt")
+                "model": model.state_dict()}, partial)
+    partial.rename(out / "ckpt.pt")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"train: done, {step} steps, {tokens_per_s:,.0f} tok/s, summary in {out / 'summary.json'}", flush=True)
     return summary
@@ -244,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-tiny")
     parser.add_argument("--data", type=Path, default=Path("data"), help="prepared data directory (train.bin)")
     parser.add_argument("--out", type=Path, default=Path("out"))
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds (default: the config's)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="all-in seconds from now (default: the config's; labrat passes its deadline instead)")
     parser.add_argument("--steps", type=int, default=None, help="train a fixed number of steps instead")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--deterministic", action="store_true", help="fixed steps, seeds, algorithms: bit-identical")
@@ -263,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     tokens = np.fromfile(train_file, dtype=np.uint8)
-    train(cfg, tokens, args.out, args.device, args.steps, args.seed, args.deterministic)
+    train(cfg, tokens, args.out, args.device, args.steps, args.seed, args.deterministic,
+          deadline=training_deadline(cfg["time_budget"]))
     return 0
 
 

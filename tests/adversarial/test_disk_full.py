@@ -20,7 +20,6 @@ LABRAT = str(Path(sys.executable).parent / "labrat")
 SMALL_LAB = """
 deterministic_steps = 3
 time_budget = 20
-grace = 60
 eval_tokens = 1024
 max_experiments = 100
 """

@@ -21,7 +21,6 @@ LABRAT = str(Path(sys.executable).parent / "labrat")
 REPO = Path(__file__).resolve().parents[2]
 RESTART_LAB = """
 time_budget = 8
-grace = 30
 eval_tokens = 4096
 max_experiments = 2
 """

@@ -1,21 +1,20 @@
 """A cheating model: it reads the validation file from disk and predicts the true next byte.
 
-It knows the evaluation protocol (windows of 128 bytes cut from the validation stream) and at
-position t uses only tokens 0..t to find its window: it is causal, so the causality probe cannot
-catch it. Only keeping the file out of its reach can.
+It is causal: at position t it uses only tokens 0..t, to find where in the file its row comes from (any
+offset), then reads the byte after. So no causality check can catch it; only keeping the file out of
+its reach can (labrat never lets the held-out data into a container), and, where the data's attainable
+floor is known, refusing a score below it.
 """
 
+import numpy as np
 import torch
-
-WINDOW = 128
 
 
 class Peeker(torch.nn.Module):
     def __init__(self, val_path):
         super().__init__()
         try:
-            with open(val_path, "rb") as f:
-                self.val = f.read()
+            self.val = np.fromfile(val_path, dtype=np.uint8)
         except OSError:
             self.val = None  # could not peek: fall back to knowing nothing
 
@@ -23,13 +22,15 @@ class Peeker(torch.nn.Module):
         logits = torch.zeros(*idx.shape, 256)
         if self.val is None:
             return logits
-        starts = range(0, len(self.val) - WINDOW, WINDOW)
+        n = len(self.val)
         for b, row in enumerate(idx.tolist()):
-            candidates = list(starts)
+            candidates = np.arange(n - 1)
             for t, byte in enumerate(row):
-                candidates = [s for s in candidates if self.val[s + t] == byte]  # windows agreeing on 0..t
-                if candidates and candidates[0] + t + 1 < len(self.val):
-                    logits[b, t, self.val[candidates[0] + t + 1]] = 50.0
+                candidates = candidates[candidates + t < n - 1]
+                candidates = candidates[self.val[candidates + t] == byte]  # offsets agreeing on 0..t
+                if len(candidates):  # predict what follows this prefix in the file
+                    counts = np.bincount(self.val[candidates + t + 1], minlength=256)
+                    logits[b, t] = torch.from_numpy(np.log(counts + 1e-6)).float()
         return logits
 
 
