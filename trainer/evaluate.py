@@ -49,8 +49,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 # ---- knobs -------------------------------------------------------------------------------------
 EVAL_TOKENS = 131_072  # validation tokens scored (a fixed number, so runs are comparable)
@@ -102,8 +100,10 @@ class Checkpoint:
 
 
 # ---- worker: runs the agent's model, sees only inputs ------------------------------------------
-def load_model(checkpoint: Path, device: str = "cpu") -> torch.nn.Module:
+def load_model(checkpoint: Path, device: str = "cpu"):
     """Rebuild the model from a checkpoint: the training script's source, its config, and the weights."""
+    import torch  # only workers need torch: the driver, in the harness's process, computes with numpy
+
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     module = types.ModuleType("labrat_model")
     exec(compile(state["source"], state.get("source_name", "train.py"), "exec"), module.__dict__)
@@ -133,6 +133,7 @@ def worker(scratch: Path) -> int:
 
     The protocol uses private copies of stdin/stdout; fd 1 then points at stderr, so whatever the model
     prints (print(), a C library) lands in the driver's bounded stderr tail, never in an answer."""
+    import torch  # first: a worker started ahead of need has imported it by the time the checkpoint comes
     proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
     proto_out = os.fdopen(os.dup(1), "wb")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
@@ -156,6 +157,7 @@ def worker(scratch: Path) -> int:
     if (message := _read_message(reader)) is None or message[0] != LOAD:
         return 2  # not needed after all (the driver stopped before this worker's turn)
     device = json.loads(message[1])["device"]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
         model = load_model(path, device)
     except Exception as exc:  # anything the agent's code raises is the model's failure, reported in one line
@@ -308,20 +310,20 @@ class _Worker:
         self.send(LOAD, json.dumps({"device": device}).encode())
         self.receive(READY, 0, "answer to loading")
 
-    def log_probs(self, batch: np.ndarray, what: str) -> torch.Tensor:
-        """Log-probabilities the driver computes from the worker's logits for `batch` (rows, cols)."""
+    def target_log_probs(self, batch: np.ndarray, targets: np.ndarray, what: str) -> np.ndarray:
+        """log p(target) at each position of `batch` (rows, cols), normalised here from the worker's logits."""
         rows, cols = batch.shape
         self.send(BATCH, struct.pack("<II", rows, cols) + np.ascontiguousarray(batch, dtype=np.uint8).tobytes())
-        data = self.receive(LOGITS, rows * cols * VOCAB * 4, what)
-        logits = torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(rows, cols, VOCAB).copy())
-        if not torch.isfinite(logits).all():
+        logits = np.frombuffer(self.receive(LOGITS, rows * cols * VOCAB * 4, what), dtype="<f4").reshape(rows, cols, VOCAB)
+        if not np.isfinite(logits).all():
             raise EvaluationError("model rejected: it returned non-finite logits (NaN or inf)")
-        log_probs = F.log_softmax(logits, dim=-1)
-        if not torch.isfinite(log_probs).all():
-            extreme = float(logits.abs().max())
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is the model's, and is refused below
+            top = logits.max(axis=-1, keepdims=True)
+            log_probs = logits - (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))
+        if not np.isfinite(log_probs).all():
             raise EvaluationError(f"model rejected: its log-probabilities are not finite (logits as large as "
-                                  f"{extreme:.3g} overflow float32 log-softmax)")
-        return log_probs
+                                  f"{float(np.abs(logits).max()):.3g} overflow float32 log-softmax)")
+        return np.take_along_axis(log_probs, targets[..., None].astype(np.int64), axis=-1)[..., 0].astype(np.float64)
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -370,7 +372,7 @@ class Plan:
         return batch
 
 
-def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str = "cpu",
+def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str = "auto",
              eval_tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN, *, batch_tokens: int = BATCH_TOKENS,
              spawn: Callable[[str], Channel] | None = None, attainable: tuple[float, float] | None = None,
              seed: int | None = None, timeout: float = 3600.0, answer_timeout: float = ANSWER_TIMEOUT,
@@ -399,9 +401,8 @@ def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str 
         picked = np.zeros((plan.rows, seq_len), dtype=np.float64)
         scorer.load(device)
         for index, rows in enumerate(plan.score_batches):
-            log_probs = scorer.log_probs(plan.inputs(tokens, rows), f"batch {index + 1} of {len(plan.score_batches)}")
-            target = torch.from_numpy(plan.targets(tokens, rows).astype(np.int64))
-            picked[rows] = log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1).double().numpy()
+            picked[rows] = scorer.target_log_probs(plan.inputs(tokens, rows), plan.targets(tokens, rows),
+                                                   f"batch {index + 1} of {len(plan.score_batches)}")
         channels[0].close()  # gone before the judge's model code starts: no channel, not even timing, between them
         timings["score"] = time.monotonic() - started - sum(timings.values())
         # Judging: every row again, cut, recombined and reordered; earlier targets must not move.
@@ -410,9 +411,8 @@ def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str 
         max_delta, worst = 0.0, None
         for index, rows in enumerate(plan.judge_batches):
             batch = plan.judge_inputs(tokens, rows)
-            log_probs = judge.log_probs(batch, f"probe {index + 1} of {len(plan.judge_batches)}")
-            target = torch.from_numpy(plan.targets(tokens, rows)[:, : batch.shape[1]].astype(np.int64))
-            judged = log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1).double().numpy()
+            judged = judge.target_log_probs(batch, plan.targets(tokens, rows)[:, : batch.shape[1]],
+                                            f"probe {index + 1} of {len(plan.judge_batches)}")
             for i, row in enumerate(rows):
                 cut = int(plan.cuts[row])
                 delta = np.abs(judged[i, :cut] - picked[row, :cut])  # finite: both sides were checked
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--data", type=Path, help="prepared data directory (holds val.bin and meta.json)")
     parser.add_argument("--out", type=Path, help="where to write the result JSON")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="the workers' device (auto: cuda when there is one)")
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     parser.add_argument("--seq-len", type=int, default=EVAL_SEQ_LEN)
     parser.add_argument("--seed", type=lambda text: int(text, 16), default=None, help="replay a recorded probe_seed")

@@ -24,7 +24,7 @@ from tests.conftest import _runsc_skip_reason
 EDIT = "str_replace_based_edit_tool"
 TRAIN = "trainer/train.py"
 # Small limits, so that bombs and floods hit them in seconds; a short budget, so experiments are quick.
-ATTACK_LAB = LabConfig(time_budget=10, eval_tokens=4096, max_experiments=100, max_tool_calls=1000,
+ATTACK_LAB = LabConfig(time_budget=10, eval_timeout=30, eval_tokens=4096, max_experiments=100, max_tool_calls=1000,
                        memory_gb=1, disk_gb=0.25)
 
 
@@ -101,3 +101,20 @@ def ledger_rows(lab: Path) -> tuple[list[dict], list[dict]]:
     finally:
         db.close()
     return experiments, sessions
+
+
+def reset_peak_memory() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; return that, in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_memory() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")

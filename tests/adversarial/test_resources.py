@@ -15,28 +15,11 @@ from harness.tools import MODEL_OUTPUT_CHARS
 from sandbox.engine import LABEL_ROLE, LABEL_SESSION, client
 from sandbox.sandbox import wait_for_removals
 from sandbox.snapshots import SnapshotStore
-from tests.adversarial.conftest import Attacker
+from tests.adversarial.conftest import Attacker, peak_memory, reset_peak_memory
 
 MB = 1024 * 1024
 HOST_MEMORY_SLACK = 200 * MB  # what one flood may add to the harness's peak memory (it keeps ~128 KiB of it)
 HANG = 30  # seconds past a limit that only a hang would need: bounds on time catch hangs, never speed
-
-
-def reset_peak_memory() -> int:
-    """Reset this process's peak RSS (VmHWM) to its current RSS; return that, in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kb("VmRSS") * 1024
-
-
-def peak_memory() -> int:
-    return _status_kb("VmHWM") * 1024
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/self/status")
 
 
 PROCESSES = """python3 - <<'EOF'
