@@ -18,11 +18,20 @@ PROGRAM = """# Research program
 You are improving `trainer/train.py`, a small byte-level GPT, to lower **val_bpb** (bits per byte on
 held-out text) within a fixed wall-clock training budget. Lower is better.
 
+The budget is **all-in wall clock on the harness's clock**: from the moment the training process
+starts to the moment it exits (imports, data loading, compilation, training and saving), the same for
+every experiment. train.py is told the deadline (`LABRAT_DEADLINE`, read by
+`trainer.prepare.training_deadline`) and is killed there: a run that is still going, or that gives
+itself more time, ends as `timeout` and is not scored. Stop stepping early enough to save (the shipped
+train.py keeps `SAVE_RESERVE_SECONDS`).
+
 - Edit only `trainer/train.py`. `trainer/prepare.py` and `trainer/evaluate.py` are fixed: the metric is
   computed by the harness's own copy of the evaluator, never from anything you print.
 - Each `run_experiment` trains your current `train.py` for the lab's time budget and evaluates it.
   An improvement is kept; anything else is discarded and the workspace returns to the best version.
-- The model must stay causal (position t may use tokens 0..t only): a model that looks ahead is rejected.
+- The model must stay causal (position t may use tokens 0..t only of its own row, and nothing it
+  remembers from other calls): a model that looks ahead is rejected, and so is a score below what any
+  model can attain on the data, or non-finite log-probabilities.
 - Prefer simple changes with a clear hypothesis, one at a time: learning rate and schedule, width and
   depth, batch size, optimizer settings, architecture details.
 """

@@ -124,7 +124,7 @@ class Experiment(BaseModel):
     eval_json: str | None = None  # the protected evaluation's result
     sources_json: str | None = None  # {path: text} of the workspace's source files at this experiment
     train_seconds: float | None = None  # wall-clock seconds of the training process, host clock
-    timings_json: str | None = None  # {phase: seconds}: snapshot, train_start, train, copy_out, eval_start, eval, ...
+    timings_json: str | None = None  # {phase: seconds}: snapshot, train_start, train, eval_start, eval, ...
     started_at: str
     finished_at: str | None = None
 

@@ -23,7 +23,8 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import structlog
@@ -32,19 +33,20 @@ from pydantic import BaseModel
 from harness import failpoints
 from harness.config import LabConfig
 from harness.data import PreparedData
-from trainer.prepare import TRAIN_DEADLINE_ENV, load_tokens
-from sandbox.errors import SandboxError
+from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxError
 from sandbox.images import REPO_ROOT
 from sandbox.policy import SandboxPolicy
 from sandbox.sandbox import Sandbox, SandboxProcess
-from trainer import evaluate as ev
 from sandbox.snapshots import Snapshot, SnapshotStore
+from trainer import evaluate as ev
+from trainer.prepare import TRAIN_DEADLINE_ENV, load_tokens
 
 log = structlog.get_logger(__name__)
 
 TRAIN_DATA = "/data"  # where the training split is mounted, read-only
 EVAL_SEQ_LEN = {"cpu-tiny": 128, "gpu": 2048}  # fixed per size class, so results stay comparable
 WORKER = ["python", "-m", "trainer.evaluate", "--worker", "/tmp"]  # the image's pristine evaluator, as the agent
+_READER = ThreadPoolExecutor(2, thread_name_prefix="train-summary")  # summary.json, off the critical path
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
 
@@ -59,13 +61,23 @@ class TrainingResult:
     seconds: float  # host-clock wall time of the training exec
     peak_memory_bytes: int | None
     reason: str | None = None  # one line, for crash/timeout
-    summary: dict | None = None  # the training's own summary.json (untrusted, informational)
     checkpoint: ev.Checkpoint | None = None  # streams ckpt.pt out of the training container, which stays up for it
     box: Sandbox | None = None
+    summary_read: Future | None = None  # summary.json, read while the evaluation runs
+
+    @property
+    def summary(self) -> dict | None:
+        """The training's own summary.json (untrusted, informational), or None."""
+        with contextlib.suppress(SandboxError, ValueError, AttributeError):
+            summary = json.loads(self.summary_read.result())
+            return summary if isinstance(summary, dict) else None
+        return None
 
     def release(self) -> None:
         """Remove the training container (once the checkpoint has streamed out, or was not needed)."""
         if self.box is not None:
+            if self.summary_read is not None:
+                futures.wait([self.summary_read])
             self.box.close_later()
             self.box = None
 
@@ -210,14 +222,10 @@ class Runner:
             if run.exit_code != 0:
                 last = tail(run.stderr or run.stdout, lines=1) or f"exit code {run.exit_code}"
                 return TrainingResult(status="crash", reason=f"training failed (exit {run.exit_code}): {last}", **base)
-            summary = None
-            with timed(timings, "copy_out"), contextlib.suppress(SandboxError, ValueError):
-                summary = json.loads(box.read_text(f"{out_dir}/summary.json", 1 << 20))
             cleanup.pop_all()  # the container outlives this block: the checkpoint streams from it
-        checkpoint = ev.Checkpoint(lambda: box.stream_file(f"{out_dir}/ckpt.pt", ev.CHECKPOINT_LIMIT),
-                                   f"{out_dir}/ckpt.pt")
-        return TrainingResult(status="ok", checkpoint=checkpoint, box=box,
-                              summary=summary if isinstance(summary, dict) else None, **base)
+        checkpoint = ev.Checkpoint(lambda: _checkpoint_chunks(box, f"{out_dir}/ckpt.pt"), f"{out_dir}/ckpt.pt")
+        return TrainingResult(status="ok", checkpoint=checkpoint, box=box, **base,
+                              summary_read=_READER.submit(box.read_text, f"{out_dir}/summary.json", 1 << 20))
 
     # -- evaluation --------------------------------------------------------------------------------
     def start_eval_workers(self) -> EvalWorkers:
@@ -257,7 +265,8 @@ class Runner:
                 result = ev.evaluate(
                     trained.checkpoint, self.heldout_tokens(), self.device, self.config.eval_tokens, seq_len,
                     spawn=workers.take, attainable=ev.attainable_for(self.data.meta, seq_len), seed=seed,
-                    timeout=self.config.eval_timeout, answer_timeout=self.config.eval_timeout)
+                    timeout=self.config.eval_timeout, answer_timeout=self.config.eval_timeout,
+                    on_phase=lambda name: name == "scoring" and failpoints.reach("train.checkpoint_copied"))
         except ev.EvaluationError as exc:
             return EvaluationResult(ok=False, reason=str(exc), seconds=round(time.monotonic() - started, 3))
         finally:
@@ -269,3 +278,12 @@ class Runner:
         return EvaluationResult(ok=True, metric=result["val_bpb"], result=result,
                                 floor_gap=result["val_bpb"] - floor if floor is not None else None,
                                 seconds=round(time.monotonic() - started, 3))
+
+
+def _checkpoint_chunks(box: Sandbox, path: str):
+    """ckpt.pt out of the training container, chunk by chunk; a missing, planted or oversized one is the
+    experiment's failure (a lost engine is the harness's, and propagates)."""
+    try:
+        yield from box.stream_file(path, ev.CHECKPOINT_LIMIT)
+    except (FileMissing, PathRefused, FileTooLarge) as exc:
+        raise ev.EvaluationError(f"training wrote no usable checkpoint: {exc}") from None

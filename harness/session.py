@@ -404,14 +404,14 @@ class Session:
                             while_training: Callable[[], None]) -> tuple[str, dict]:
         with self.runner.train(snapshot, phase=self.progress.phase, timings=timings, on_start=while_training) as trained:
             fields.update(train_seconds=trained.seconds, memory_bytes=trained.peak_memory_bytes,
-                          log_tail=trained.log_tail,
-                          summary_json=json.dumps(trained.summary) if trained.summary else None)
+                          log_tail=trained.log_tail)
             if trained.status != "ok":
                 fields["log_tail"] = f"{trained.reason}\n{trained.log_tail}"
                 return trained.status, fields
             with timed(timings, "eval_start"):
                 workers = standby.take("eval")  # None if training failed before they started: evaluate() starts them
             evaluated = self.runner.evaluate(trained, phase=self.progress.phase, timings=timings, workers=workers)
+            fields["summary_json"] = json.dumps(trained.summary) if trained.summary else None
         failpoints.reach("eval.finished")
         fields["eval_json"] = json.dumps(evaluated.result) if evaluated.result else None
         if not evaluated.ok:

@@ -193,7 +193,7 @@ def test_a_session_under_gvisor(tmp_path, runtime, cleanup_snapshots):
 
     lab = tmp_path / "lab"
     cleanup_snapshots.append(lab)
-    config = LabConfig(time_budget=10, eval_tokens=4096, max_experiments=1, runtime=runtime)
+    config = LabConfig(time_budget=20, eval_tokens=4096, max_experiments=1, runtime=runtime)  # gVisor starts slower
     with Session(lab, config, agent="offline") as session:
         assert client().api.inspect_container(session.box.container.id)["HostConfig"]["Runtime"] == "runsc"
         assert session.box.exec("cat /data/train.bin | wc -c").stdout.strip() == str(session.data.meta["train_tokens"])

@@ -194,12 +194,12 @@ def train(cfg: dict, train_tokens: np.ndarray, out: Path, device: str, steps: in
           f"{'%d steps' % steps if steps else '%.1f s left of the budget' % (stop_at - loop_start)} on {device}",
           flush=True)
 
-    step, train_seconds, loss_value, last_log = 0, 0.0, float("nan"), 0.0
+    step, train_seconds, loss_value, last_log, step_seconds = 0, 0.0, float("nan"), 0.0, 0.0
     warm_steps = 2 if cfg["compile"] and device == "cuda" else 0  # compile steps are left out of tokens/s
     while True:
         now = time.time()
         progress = step / steps if steps else (now - loop_start) / max(stop_at - loop_start, 1e-9)
-        if progress >= 1.0:
+        if progress >= 1.0 or (not steps and now + step_seconds > stop_at):  # the next step would not fit
             break
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -215,8 +215,9 @@ def train(cfg: dict, train_tokens: np.ndarray, out: Path, device: str, steps: in
         if device == "cuda":
             torch.cuda.synchronize()
         step += 1
+        step_seconds = time.perf_counter() - started
         if step > warm_steps:
-            train_seconds += time.perf_counter() - started
+            train_seconds += step_seconds
         if not math.isfinite(loss_value := loss.item()):
             raise FloatingPointError(f"loss became {loss_value} at step {step}")
         if train_seconds - last_log >= LOG_EVERY_SECONDS:

@@ -1,7 +1,7 @@
 """Resource attacks through the agent's tools: fork and memory bombs, disk fills, output floods, endless
 loops and sleeps, and processes that try to outlive their exec or their experiment, from bash in the
 working container and from train.py in the training container. The lab's limits are small
-(conftest.ATTACK_LAB: 1 GB memory, 0.25 GB disk, a 2 s budget), so each attack hits its limit in
+(conftest.ATTACK_LAB: 1 GB memory, 0.25 GB disk, a 10 s all-in budget, 20 s under gVisor), so each attack hits its limit in
 seconds; every test checks that the session goes on afterwards without any help from the test."""
 
 from __future__ import annotations
