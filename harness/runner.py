@@ -223,7 +223,7 @@ class Runner:
                 last = tail(run.stderr or run.stdout, lines=1) or f"exit code {run.exit_code}"
                 return TrainingResult(status="crash", reason=f"training failed (exit {run.exit_code}): {last}", **base)
             cleanup.pop_all()  # the container outlives this block: the checkpoint streams from it
-        checkpoint = ev.Checkpoint(lambda: _checkpoint_chunks(box, f"{out_dir}/ckpt.pt"), f"{out_dir}/ckpt.pt")
+        checkpoint = ev.Checkpoint(lambda: _checkpoint_chunks(box, f"{out_dir}/ckpt.pt"))
         return TrainingResult(status="ok", checkpoint=checkpoint, box=box, **base,
                               summary_read=_READER.submit(box.read_text, f"{out_dir}/summary.json", 1 << 20))
 

@@ -447,6 +447,8 @@ class Session:
             return (f"experiment #{e.id}: {e.status}. {safe_text((e.log_tail or '').encode())[-2500:]}\n"
                     f"The workspace was reset to the best version ({best}).")
         gap = f", gap to the data's entropy floor {e.floor_gap:.4f}" if e.floor_gap is not None else ""
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            gap = f" ± {json.loads(e.eval_json)['val_bpb_se']:.4f} (standard error){gap}"
         memory = f", peak memory {e.memory_bytes / 1024**3:.2f} GB" if e.memory_bytes else ""
         verdict = ("kept: it is the new best; the workspace now holds it" if e.status == "keep"
                    else f"discarded (not better than {best}); the workspace was reset to it")

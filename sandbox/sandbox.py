@@ -282,25 +282,7 @@ class Sandbox:
         pids_before = _pids_max_events(pids_events)
         pids_limited = False
         started = time.monotonic()
-        with engine_errors():
-            try:
-                exec_id = api.exec_create(
-                    self.container.id,
-                    argv,
-                    stdout=True,
-                    stderr=True,
-                    stdin=input is not None,
-                    user=user,
-                    workdir=workdir or self.policy.workspace,
-                    environment=env or None,
-                )["Id"]
-                sock = api.exec_start(exec_id, socket=True)
-            except docker.errors.NotFound as exc:
-                raise SandboxClosed(f"sandbox {self.name} is gone (its container was removed)") from exc
-            except docker.errors.APIError as exc:
-                if "is not running" in str(exc) or "is paused" in str(exc):
-                    raise SandboxClosed(f"sandbox {self.name} is not running: {exc.explanation}") from exc
-                raise
+        exec_id, sock = self._start_exec(argv, user, workdir, env, stdin=input is not None)
         raw = getattr(sock, "_sock", sock)
         out, err = _CappedStream(max_output), _CappedStream(max_output)
         if input is not None:
@@ -363,6 +345,22 @@ class Sandbox:
             limit = "disk"  # wrote past the limit between two polls and then exited
         return _RawRun(exit_code, out, err, limit, duration, oom, pids_limited)
 
+    def _start_exec(self, argv: list[str], user: str, workdir: str | None, env: dict[str, str] | None,
+                    stdin: bool) -> tuple[str, object]:
+        """Create and start an exec; (its id, its hijacked socket). A gone or stopped container is SandboxClosed."""
+        api = client().api
+        with engine_errors():
+            try:
+                exec_id = api.exec_create(self.container.id, argv, stdout=True, stderr=True, stdin=stdin, user=user,
+                                          workdir=workdir or self.policy.workspace, environment=env or None)["Id"]
+                return exec_id, api.exec_start(exec_id, socket=True)
+            except docker.errors.NotFound as exc:
+                raise SandboxClosed(f"sandbox {self.name} is gone (its container was removed)") from exc
+            except docker.errors.APIError as exc:
+                if "is not running" in str(exc) or "is paused" in str(exc):
+                    raise SandboxClosed(f"sandbox {self.name} is not running: {exc.explanation}") from exc
+                raise
+
     def spawn(self, cmd: list[str], *, user: str | None = None, workdir: str | None = None,
               env: dict[str, str] | None = None) -> SandboxProcess:
         """Start `cmd` with live pipes and return at once: its stdin is written and its stdout read while
@@ -370,19 +368,7 @@ class Sandbox:
         close() kills the process and every other process of its user in the container."""
         self._check_open()
         user = user or self.policy.user
-        api = client().api
-        with engine_errors():
-            try:
-                exec_id = api.exec_create(self.container.id, list(cmd), stdout=True, stderr=True, stdin=True,
-                                          user=user, workdir=workdir or self.policy.workspace,
-                                          environment=env or None)["Id"]
-                sock = api.exec_start(exec_id, socket=True)
-            except docker.errors.NotFound as exc:
-                raise SandboxClosed(f"sandbox {self.name} is gone (its container was removed)") from exc
-            except docker.errors.APIError as exc:
-                if "is not running" in str(exc) or "is paused" in str(exc):
-                    raise SandboxClosed(f"sandbox {self.name} is not running: {exc.explanation}") from exc
-                raise
+        exec_id, sock = self._start_exec(list(cmd), user, workdir, env, stdin=True)
         return SandboxProcess(self, exec_id, sock, user)
 
     def stream_file(self, path: str, max_bytes: int) -> Iterator[bytes]:

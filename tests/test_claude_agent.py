@@ -444,7 +444,7 @@ def test_the_api_key_never_reaches_a_container(lab, fake_anthropic):
 
     # 2. Not in any container's environment: working, training and evaluation containers alike.
     ours = [c for c in watch.seen.values() if c["session"] == outcome.session_id]
-    assert {"work", "train", "eval"} <= {c["role"] for c in ours}
+    assert {"work", "train", "eval-score", "eval-judge"} <= {c["role"] for c in ours}
     for container in ours:
         config_text = json.dumps(container["config"])
         assert key not in config_text and "ANTHROPIC" not in config_text, container["role"]

@@ -17,7 +17,7 @@ from sandbox.snapshots import SnapshotStore
 LABRAT = str(Path(sys.executable).parent / "labrat")
 LAB = """
 deterministic_steps = 10
-time_budget = 20
+time_budget = 60  # deterministic steps end on their own: only the host's limit
 eval_tokens = 2048
 max_experiments = 20
 """

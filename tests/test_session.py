@@ -20,7 +20,7 @@ LABRAT = str(Path(sys.executable).parent / "labrat")
 # agent's seeded search takes the same path each time and the keep/discard outcomes are reproducible.
 TINY_LAB = """
 deterministic_steps = 30
-time_budget = 20
+time_budget = 60  # deterministic steps end on their own: only the host's limit
 eval_tokens = 4096
 max_experiments = {n}
 """

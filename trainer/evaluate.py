@@ -64,6 +64,7 @@ CHECKPOINT_LIMIT = 2 * 1024**3  # bytes; the sandbox's per-file limit (RLIMIT_FS
 CHUNK = 1 << 20
 STDERR_TAIL_BYTES = 8192
 MESSAGE_LIMIT = 4096  # bytes of a worker's error message
+REQUEST_LIMIT = 16 * CHUNK  # bytes of one message to a worker (a checkpoint chunk, a batch of tokens)
 
 # Wire format: a message is a 4-byte tag and a little-endian uint64 payload size, then the payload.
 _HEADER = struct.Struct("<4sQ")
@@ -86,9 +87,8 @@ class Channel(Protocol):
 class Checkpoint:
     """A checkpoint as a stream of chunks (never held whole: it may be as large as CHECKPOINT_LIMIT)."""
 
-    def __init__(self, chunks: Callable[[], Iterable[bytes]], describe: str = "checkpoint"):
-        self.chunks = chunks
-        self.describe = describe
+    def __init__(self, chunks: Callable[[], Iterable[bytes]]):
+        self.chunks = chunks  # called once: the chunks go to both workers as they come
 
     @classmethod
     def from_file(cls, path: Path) -> Checkpoint:
@@ -96,7 +96,7 @@ class Checkpoint:
             with open(path, "rb") as f:
                 while chunk := f.read(CHUNK):
                     yield chunk
-        return cls(chunks, str(path))
+        return cls(chunks)
 
 
 # ---- worker: runs the agent's model, sees only inputs ------------------------------------------
@@ -117,8 +117,8 @@ def _read_message(stream) -> tuple[bytes, bytes] | None:
     if len(header) < _HEADER.size:
         return None
     tag, size = _HEADER.unpack(header)
-    if size > CHUNK * 16:
-        raise ValueError(f"message of {size} bytes")
+    if size > REQUEST_LIMIT:
+        raise ValueError(f"a message of {size} bytes")
     payload = stream.read(size)
     return (tag, payload) if len(payload) == size else None
 

@@ -80,8 +80,10 @@ Setup:
 - Your tools act on a sandboxed Linux container with no network. /workspace holds trainer/ (train.py \
 is the file you change); the training split is mounted read-only at /data.
 - run_experiment(description) snapshots the workspace, trains it in a fresh container for a fixed \
-wall-clock budget ({budget:g} s, config {trainer_config}), and scores the checkpoint on held-out data \
-with the harness's own evaluator (val_bpb, lower is better). A better result is kept; otherwise the \
+wall-clock budget ({budget:g} s all-in: start-up, training and saving; train.py is told the deadline and \
+is killed there, config {trainer_config}), and scores the checkpoint on held-out data with the harness's \
+own evaluator (val_bpb, lower is better; a model that looks ahead or scores below what is attainable is \
+rejected). A better result is kept; otherwise the \
 workspace returns to the best version. Only that measured metric counts.
 - You may make at most {max_tool_calls} tool calls between two experiments.
 - After every experiment this conversation restarts from a short summary of the lab's history; use \

@@ -24,9 +24,14 @@ from tests.conftest import _runsc_skip_reason
 EDIT = "str_replace_based_edit_tool"
 TRAIN = "trainer/train.py"
 # Small limits, so that bombs and floods hit them in seconds; a short budget, so experiments are quick.
-ATTACK_LAB = LabConfig(time_budget=10, eval_timeout=30, eval_tokens=4096, max_experiments=100, max_tool_calls=1000,
+ATTACK_LAB = LabConfig(time_budget=10, eval_timeout=15, eval_tokens=4096, max_experiments=100, max_tool_calls=1000,
                        memory_gb=1, disk_gb=0.25)
-RUNSC_BUDGET = 20
+RUNSC_BUDGET = 20  # gVisor starts Python and torch seconds slower, and the budget is all-in
+
+
+def attack_config(runtime: str) -> LabConfig:
+    return ATTACK_LAB.model_copy(update={"runtime": runtime, "time_budget": RUNSC_BUDGET if runtime == "runsc"
+                                         else ATTACK_LAB.time_budget})
 
 
 class Attacker:
@@ -74,9 +79,7 @@ def attacker(request, tmp_path_factory) -> Attacker:
             pytest.fail(f"CI must run the gVisor tests: {reason}")
         pytest.skip(reason)
     lab = tmp_path_factory.mktemp(f"attack-{runtime}")
-    # gVisor starts Python and torch several seconds slower (all-in budget: start-up is part of it).
-    config = ATTACK_LAB.model_copy(update={"runtime": runtime, "time_budget": RUNSC_BUDGET if runtime == "runsc"
-                                           else ATTACK_LAB.time_budget})
+    config = attack_config(runtime)
     with Session(lab, config, agent="attacker") as session:
         yield Attacker(Toolbox(session), runtime)
     wait_for_removals()  # containers of the snapshots may still be going away on the session's threads

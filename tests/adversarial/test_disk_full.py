@@ -19,7 +19,7 @@ from tests.adversarial.conftest import ledger_rows
 LABRAT = str(Path(sys.executable).parent / "labrat")
 SMALL_LAB = """
 deterministic_steps = 3
-time_budget = 20
+time_budget = 60  # deterministic steps end on their own: only the host's limit
 eval_tokens = 1024
 max_experiments = 100
 """

@@ -25,7 +25,7 @@ LABRAT = str(Path(sys.executable).parent / "labrat")
 # Deterministic and tiny: every experiment takes a few seconds, and the same configuration scores the same.
 KILL_LAB = """
 deterministic_steps = 3
-time_budget = 20
+time_budget = 60  # deterministic steps end on their own: only the host's limit
 eval_tokens = 1024
 max_experiments = 1000
 """

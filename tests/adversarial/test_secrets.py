@@ -24,7 +24,7 @@ from harness.tools import Toolbox
 from sandbox.engine import client, owner_labels
 from sandbox.sandbox import wait_for_removals
 from sandbox.snapshots import SnapshotStore
-from tests.adversarial.conftest import ATTACK_LAB, Attacker
+from tests.adversarial.conftest import Attacker, attack_config
 from tests.conftest import SESSION, _runsc_skip_reason
 
 TOKEN = secrets.token_hex(8)
@@ -65,7 +65,7 @@ def attacker(request, tmp_path_factory, canaries) -> Attacker:
     lab = tmp_path_factory.mktemp(f"secrets-{runtime}")
     logs.configure(level="warning", json=True, file=lab / "logs" / "labrat.log")
     try:
-        with Session(lab, ATTACK_LAB.model_copy(update={"runtime": runtime}), agent="attacker") as session:
+        with Session(lab, attack_config(runtime), agent="attacker") as session:
             yield Attacker(Toolbox(session), runtime)
     finally:
         logs.configure(level="warning", json=True)
