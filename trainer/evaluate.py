@@ -390,8 +390,9 @@ def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str 
     spawn = spawn or local_worker()
     deadline = started + timeout
     timings: dict[str, float] = {}
-    channels = [spawn("score"), spawn("judge")]
+    channels: list[Channel] = []
     try:
+        channels += [spawn("score"), spawn("judge")]
         scorer, judge = (_Worker(c, role, deadline, answer_timeout) for c, role in zip(channels, ("score", "judge")))
         on_phase("checkpoint")
         _send_checkpoint(checkpoint, (scorer, judge))
