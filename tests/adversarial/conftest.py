@@ -24,7 +24,7 @@ from tests.conftest import _runsc_skip_reason
 EDIT = "str_replace_based_edit_tool"
 TRAIN = "trainer/train.py"
 # Small limits, so that bombs and floods hit them in seconds; a short budget, so experiments are quick.
-ATTACK_LAB = LabConfig(time_budget=10, eval_timeout=15, eval_tokens=4096, max_experiments=100, max_tool_calls=1000,
+ATTACK_LAB = LabConfig(time_budget=10, eval_timeout=20, eval_tokens=4096, max_experiments=100, max_tool_calls=1000,
                        memory_gb=1, disk_gb=0.25)
 RUNSC_BUDGET = 20  # gVisor starts Python and torch seconds slower, and the budget is all-in
 
