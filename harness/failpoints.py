@@ -32,7 +32,7 @@ POINTS = {
     "train.finished": "training exited, checkpoint still in its container",
     "train.checkpoint_copied": "checkpoint streamed into both evaluation workers, scoring about to start",
     "eval.started": "evaluation about to start (its workers running, the checkpoint not yet sent)",
-    "eval.running": "(after 1 s) evaluation in progress",
+    "eval.running": "evaluation in progress: scored, not yet judged",
     "eval.finished": "evaluation done, metric parsed, nothing recorded",
     "experiment.sources_read": "sources and diff read, row not yet written",
     "ledger.before_commit": "inside the transaction that records the verdict (and moves the base on a keep)",
@@ -41,7 +41,7 @@ POINTS = {
     "experiment.box_swapped": "next working container in place",
     "session.closing": "session ending, its row not yet closed",
 }
-_DELAYED = {"train.running": 1.5, "eval.running": 1.0}
+_DELAYED = {"train.running": 1.5}
 _passes: Counter[str] = Counter()
 
 

@@ -47,6 +47,7 @@ TRAIN_DATA = "/data"  # where the training split is mounted, read-only
 EVAL_SEQ_LEN = {"cpu-tiny": 128, "gpu": 2048}  # fixed per size class, so results stay comparable
 WORKER = ["python", "-m", "trainer.evaluate", "--worker", "/tmp"]  # the image's pristine evaluator, as the agent
 _READER = ThreadPoolExecutor(2, thread_name_prefix="train-summary")  # summary.json, off the critical path
+EVAL_FAILPOINTS = {"scoring": "train.checkpoint_copied", "judging": "eval.running"}  # evaluation phase -> point
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
 
@@ -260,13 +261,12 @@ class Runner:
                     workers = self.start_eval_workers()
             phase("evaluating", self.config.eval_timeout)
             failpoints.reach("eval.started")
-            failpoints.reach("eval.running")
             with timed(timings, "eval"):
                 result = ev.evaluate(
                     trained.checkpoint, self.heldout_tokens(), self.device, self.config.eval_tokens, seq_len,
                     spawn=workers.take, attainable=ev.attainable_for(self.data.meta, seq_len), seed=seed,
                     timeout=self.config.eval_timeout, answer_timeout=self.config.eval_timeout,
-                    on_phase=lambda name: name == "scoring" and failpoints.reach("train.checkpoint_copied"))
+                    on_phase=lambda name: failpoints.reach(EVAL_FAILPOINTS[name]) if name in EVAL_FAILPOINTS else None)
         except ev.EvaluationError as exc:
             return EvaluationResult(ok=False, reason=str(exc), seconds=round(time.monotonic() - started, 3))
         finally:

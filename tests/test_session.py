@@ -130,8 +130,11 @@ def test_resume_after_the_harness_is_killed_mid_training(tmp_path, cleanup_snaps
                 return False
             db = sqlite3.connect(lab / "ledger.db")
             done = db.execute("SELECT count(*) FROM experiments WHERE status != 'running'").fetchone()[0]
+            running = db.execute("SELECT count(*) FROM experiments WHERE status = 'running'").fetchone()[0]
             db.close()
-            return done >= 1
+            # The first experiment's training container outlives its training (the checkpoint streams from it)
+            # and is removed in the background: a running second experiment tells them apart.
+            return done >= 1 and running == 1
 
         _wait_for(training_second, 600, "the second experiment's training")
     finally:
