@@ -411,7 +411,8 @@ class Session:
             with timed(timings, "eval_start"):
                 workers = standby.take("eval")  # None if training failed before they started: evaluate() starts them
             evaluated = self.runner.evaluate(trained, phase=self.progress.phase, timings=timings, workers=workers)
-            fields["summary_json"] = json.dumps(trained.summary) if trained.summary else None
+            summary = trained.summary  # parsed once: the property waits for the read and parses it
+            fields["summary_json"] = json.dumps(summary) if summary else None
         failpoints.reach("eval.finished")
         fields["eval_json"] = json.dumps(evaluated.result) if evaluated.result else None
         if not evaluated.ok:
