@@ -1,7 +1,7 @@
 """The Claude agent against a fake Messages API over real HTTP, with the real SDK, real sessions and Docker.
 
 Nothing is mocked: the `anthropic` SDK talks HTTP to tests/fake_anthropic.py, the agent's tool calls run
-in real hardened containers, experiments train and evaluate for real (3 s budgets), and the ledger,
+in real hardened containers, experiments train and evaluate for real (3 deterministic steps), and the ledger,
 snapshots and logs are the real ones.
 """
 
@@ -43,8 +43,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:Depre
 
 # -- helpers ---------------------------------------------------------------------------------------
 def write_config(lab: Path, **settings) -> None:
-    values = {**dict(agent="claude", model="claude-sonnet-4-5", time_budget=10, eval_tokens=4096,
-                     max_experiments=1), **settings}
+    # Deterministic steps: these tests drive the agent's plumbing, not the budget; a run ends after its
+    # steps, and the time budget is only the host's limit (a 10 s all-in budget timed out on a loaded runner).
+    values = {**dict(agent="claude", model="claude-sonnet-4-5", deterministic_steps=3, time_budget=60,
+                     eval_tokens=4096, max_experiments=1), **settings}
     (lab / "labrat.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
 
 
