@@ -65,8 +65,9 @@ from harness.agents.offline import TRAIN_FILE, OfflineAgent  # noqa: E402
 from harness.config import load_config  # noqa: E402
 from harness.lab import LEDGER_FILE, init_lab  # noqa: E402
 from harness.ledger import Experiment, Ledger  # noqa: E402
-from harness.runner import EVAL_SEQ_LEN  # noqa: E402
-from harness.session import Progress, Session  # noqa: E402
+from trainer.contract import EVAL_SEQ_LENS  # noqa: E402
+from harness.run import LabRun  # noqa: E402
+from harness.session import Progress  # noqa: E402
 from harness.tools import Toolbox, ToolResult  # noqa: E402
 from sandbox.engine import client  # noqa: E402
 from sandbox.sandbox import interrupt_on_sigterm  # noqa: E402
@@ -116,18 +117,19 @@ def load() -> str:
 class TimedToolbox(Toolbox):
     """The session's toolbox, timing every run_experiment call from the agent's call to the tool's return."""
 
-    def __init__(self, session: Session):
-        super().__init__(session)
+    def __init__(self, lab_run: LabRun):
+        super().__init__(lab_run.session, lab_run.workbench, lab_run.run_experiment)
+        self.lab_run = lab_run
         self.runs: list[dict] = []
 
     def call(self, name: str, raw_input: object) -> ToolResult:
         if name != "run_experiment":
             return super().call(name, raw_input)
-        self.session.last_timings = None  # set again only by an experiment that got as far as its reset
+        self.lab_run.last_timings = None
         started = time.monotonic()
         result = super().call(name, raw_input)
         ended = time.monotonic()
-        self.runs.append({"started": started, "ended": ended, "timings": self.session.last_timings})
+        self.runs.append({"started": started, "ended": ended, "timings": self.lab_run.last_timings})
         return result
 
 
@@ -158,22 +160,20 @@ def run_labrat(lab: Path, state: dict) -> dict:
     logs.configure(level="warning", file=lab / "logs" / "labrat.log")  # as `labrat run` does
     opened = time.monotonic()
     loads: list[float] = []
-    session = Session(lab, config, agent="offline", progress=Report("labrat", loads), new_session=True)
-    session.__enter__()
-    state["lab_id"] = session.lab_id
-    state["session_id"] = session.session_id
+    lab_run = LabRun(lab, config, agent="offline", new_session=True).__enter__()  # as `labrat run` opens it
+    lab_run.session.progress = Report("labrat", loads)
+    state["lab_id"] = lab_run.lab_id
+    state["session_id"] = lab_run.session_id
     ready = time.monotonic()
-    toolbox = TimedToolbox(session)
-    try:
-        session.stop = OfflineAgent(config).run(toolbox)
-        experiments = session.session_experiments()
-        root_sources = json.loads(session.ledger.session(session.session_id).root_sources_json or "{}")
-        data = session.data
-    except BaseException as exc:
-        session.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    session.__exit__(None, None, None)
+    toolbox = lab_run.toolbox = TimedToolbox(lab_run)
+    session_id, data = lab_run.session_id, lab_run.data
+    failure = lab_run.run_agent(OfflineAgent(config))  # closes the session
     closed = time.monotonic()
+    if failure:
+        raise RuntimeError(f"the offline agent failed: {failure}")
+    with Ledger(lab / LEDGER_FILE) as ledger:
+        experiments = ledger.experiments(session_id)
+        trained_source = {e.id: ledger.sources(e.id)[TRAIN_FILE] for e in experiments}
     if len(toolbox.runs) != len(experiments):
         raise RuntimeError(f"{len(toolbox.runs)} run_experiment calls but {len(experiments)} experiments in the ledger")
     rows = []
@@ -187,20 +187,15 @@ def run_labrat(lab: Path, state: dict) -> dict:
             "metric": experiment.metric, "wall": wall, "train": train, "eval": evaluation,
             "overhead": wall - train - evaluation, "ledger_seconds": experiment.seconds, "timings": timings,
             "tok_s": summary.get("tokens_per_s"), "loop_s": summary.get("train_seconds"),
-            "source": history_source(experiment, root_sources),
+            "source": trained_source[experiment.id],
         })
     gaps = [b["started"] - a["ended"] for a, b in zip(toolbox.runs, toolbox.runs[1:])]
     return {
         "rows": rows, "gaps": gaps, "loop_wall": toolbox.runs[-1]["ended"] - toolbox.runs[0]["started"],
         "open_s": ready - opened, "close_s": closed - toolbox.runs[-1]["ended"], "session_wall": closed - opened,
         "train_sha256": data.meta.get("train_sha256"), "val_sha256": data.meta.get("val_sha256"),
-        "loads": loads, "train_dir": data.train_dir, "heldout_dir": data.heldout_dir, "image": session.image,
+        "loads": loads, "train_dir": data.train_dir, "heldout_dir": data.heldout_dir, "image": lab_run.image,
     }
-
-
-def history_source(experiment: Experiment, root: dict[str, str]) -> str:
-    sources = json.loads(experiment.sources_json) if experiment.sources_json else root
-    return sources[TRAIN_FILE]
 
 
 def wait_for_removals(session_id: str, timeout: float = 60.0) -> None:
@@ -270,7 +265,7 @@ def run_bare(root: Path, sources: list[tuple[str, str]], budget: float, eval_tok
     if sha256(data / "train.bin") != sha256(labrat["train_dir"] / "train.bin") or \
             sha256(data / "val.bin") != sha256(labrat["heldout_dir"] / "val.bin"):
         raise RuntimeError("the host's prepared data differs from the lab's: the loops would not be comparable")
-    seq_len = EVAL_SEQ_LEN[TRAINER_CONFIG]
+    seq_len = EVAL_SEQ_LENS[TRAINER_CONFIG]
     best, rows, marks, loads = None, [], [], []
     for i, (description, source) in enumerate(sources, 1):
         out = runs / f"{i:03d}"

@@ -44,13 +44,13 @@ def container_run(box, budget: float) -> dict:
 
 
 def cpu_bench(runtimes: list[str], budget: float) -> list[dict]:
+    from harness.image import build_image
     from sandbox.engine import client
-    from sandbox.images import build_image
     from sandbox.policy import SandboxPolicy
     from sandbox.sandbox import Sandbox
     from trainer.prepare import prepare
 
-    image = build_image(progress=lambda line: None)
+    image = build_image(on_step=lambda line: None)
     # Bare runs get the image's allocator settings, so the ratio measures the sandbox and nothing else.
     image_env = dict(item.split("=", 1) for item in client().images.get(image).attrs["Config"]["Env"])
     malloc_env = {k: v for k, v in image_env.items() if k.startswith("MALLOC_")}

@@ -32,7 +32,7 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 
 
 @contextlib.contextmanager
-def _status(message: str):
+def _spinner(message: str):
     """A rich spinner whose text follows the steps of a long job."""
     with console.status(message) as status:
         def update(line: str) -> None:
@@ -49,10 +49,10 @@ def image_build(
     tag: Annotated[str | None, typer.Option(help="Tag of the built image.")] = None,
 ) -> None:
     """Build labrat-sandbox:cpu (or :gpu); skipped when an identical build exists."""
-    from sandbox.images import build_image
+    from harness.image import build_image
 
-    with _status("building image") as update:
-        name = build_image(gpu=gpu, base=base, tag=tag, progress=update)
+    with _spinner("building image") as update:
+        name = build_image(gpu=gpu, base=base, tag=tag, on_step=update)
     out.print(f"image ready: {name}")
 
 
@@ -78,11 +78,10 @@ def run(
     new: Annotated[bool, typer.Option("--new", help="Start a new session even if the last one can be resumed.")] = False,
 ) -> None:
     """Start a research session, or resume the last one if it was interrupted."""
-    from harness.agents import make_agent
     from harness.config import apply_overrides, load_config
     from harness.lab import ensure_lab, read_program
     from harness.progress import LiveView, results_table
-    from harness.session import Session, run_agent
+    from harness.run import LabRun, make_agent
 
     ensure_lab(lab)
     config = apply_overrides(load_config(lab), agent=agent, model=model, time_budget=budget,
@@ -91,19 +90,19 @@ def run(
     quiet = console.is_terminal and "LABRAT_LOG_LEVEL" not in os.environ
     logs.configure(file=lab / "logs" / "labrat.log", level="warning" if quiet else None)
     researcher = make_agent(config, read_program(lab))
-    with _status("starting the session") as update:
-        session = Session(lab, config, agent=config.agent, model=researcher.model, new_session=new, status=update)
-        session.__enter__()
-    view = LiveView(console, config.max_experiments, session.data.floor_bpb)
+    with _spinner("starting the session") as update:
+        lab_run = LabRun(lab, config, agent=config.agent, model=researcher.model, new_session=new, on_step=update)
+        lab_run.__enter__()  # closed by run_agent, whatever happens
+    session = lab_run.session
+    view = LiveView(console, config.max_experiments, lab_run.data.floor_bpb)
     session.progress = view
     action = "resumed" if session.resumed else "started"
     console.print(f"session {session.session_id} {action} in {lab} ({config.agent} agent, {config.runtime}, "
                   f"{'GPUs ' + config.gpus if config.gpus else 'CPU'}, {config.time_budget:g} s budget)", highlight=False)
     with view:
-        failure = run_agent(session, researcher)
-    ledger = open_ledger(lab)
-    experiments = ledger.experiments(session.session_id)
-    ledger.close()
+        failure = lab_run.run_agent(researcher)
+    with open_ledger(lab) as ledger:
+        experiments = ledger.experiments(session.session_id)
     out.print(results_table(experiments, title=f"session {session.session_id}"))
     out.print(f"results: {lab / 'results.tsv'}; stop: {failure or session.stop}", highlight=False)
     if failure:
@@ -119,10 +118,10 @@ def status(lab: LabOption = Path(".")) -> None:
     """The lab at a glance: sessions, experiments by status, the best result, what is running."""
     from collections import Counter
 
-    ledger = open_ledger(lab)
-    experiments = ledger.experiments()
-    session = ledger.last_session()
-    best = ledger.best()
+    with open_ledger(lab) as ledger:
+        experiments = ledger.experiments()
+        session = ledger.last_session()
+        best = ledger.best()
     counts = Counter(e.status for e in experiments)
     out.print(f"lab: {lab.resolve()}")
     if session is None:
@@ -153,11 +152,11 @@ def log_command(
     """The experiments of the lab, latest last."""
     from harness.progress import results_table
 
-    ledger = open_ledger(lab)
+    with open_ledger(lab) as ledger:
+        tsv_text, experiments = ledger.results_tsv(), ledger.experiments()
     if tsv:
-        out.print(ledger.results_tsv(), end="", highlight=False, markup=False)
+        out.print(tsv_text, end="", highlight=False, markup=False)
         return
-    experiments = ledger.experiments()
     out.print(results_table(experiments[-limit:], title=f"{len(experiments)} experiments"))
 
 
@@ -167,9 +166,11 @@ def show(
     lab: LabOption = Path("."),
 ) -> None:
     """One experiment: status, metric, snapshot, tokens, its diff against its parent, the log tail."""
-    from harness.history import experiment_detail, printable
+    from harness.history import experiment_detail
+    from harness.text import printable
 
-    e = experiment_or_error(open_ledger(lab), experiment_id)
+    with open_ledger(lab) as ledger:
+        e = experiment_or_error(ledger, experiment_id)
     out.print(experiment_detail(e, max_diff_chars=200_000), highlight=False, markup=False)
     if e.log_tail and e.status not in ("crash", "timeout"):
         out.print("log tail:\n" + printable(e.log_tail), highlight=False, markup=False)
@@ -182,21 +183,14 @@ def diff(
     lab: LabOption = Path("."),
 ) -> None:
     """Unified diff of the workspace sources between two experiments."""
-    import json
+    from harness.history import unified_diff
 
-    from harness.history import sources_of, unified_diff
-
-    ledger = open_ledger(lab)
-    sessions = {s.id: s for s in ledger.sessions()}
-
-    def sources(experiment_id: int) -> dict[str, str]:
-        if experiment_id == 0:
-            first = next(iter(sessions.values()), None)
-            return json.loads(first.root_sources_json or "{}") if first else {}
-        e = experiment_or_error(ledger, experiment_id)
-        return sources_of(e, json.loads(sessions[e.session_id].root_sources_json or "{}"))
-
-    text = unified_diff(sources(a), sources(b), f"#{a}", f"#{b}")
+    with open_ledger(lab) as ledger:
+        for experiment_id in (a, b):
+            if experiment_id:
+                experiment_or_error(ledger, experiment_id)
+        old, new = ledger.sources(a), ledger.sources(b)
+    text = unified_diff(old, new, f"#{a}", f"#{b}")
     out.print(text or f"#{a} and #{b} have the same sources", end="" if text else "\n", highlight=False, markup=False)
 
 
@@ -221,8 +215,8 @@ def reproduce(
     """Re-run ID's training and evaluation from its snapshot; compare with the recorded metric (exit 1 if off)."""
     from harness.reproduce import reproduce as run_reproduction
 
-    with _status(f"reproducing #{experiment_id}") as update:
-        result = run_reproduction(lab, experiment_id, tolerance, progress=update)
+    with _spinner(f"reproducing #{experiment_id}") as update:
+        result = run_reproduction(lab, experiment_id, tolerance, on_step=update)
     reproduced = f"{result.reproduced:.6f}" if result.reproduced is not None else "-"
     out.print(f"#{experiment_id} {result.description}: recorded {result.recorded:.6f}, reproduced {reproduced}: "
               f"{'OK' if result.ok else 'MISMATCH'}, {result.reason}", highlight=False)
@@ -246,8 +240,8 @@ def regress(
     if best and experiment_id is not None:
         raise ConfigError("give an experiment ID or --best, not both")
     started = time.monotonic()
-    with _status("regression check") as update:
-        result, failures = run_regress(lab, experiment_id, baseline, tolerance, progress=update)
+    with _spinner("regression check") as update:
+        result, failures = run_regress(lab, experiment_id, baseline, tolerance, on_step=update)
     if junit:
         junit.write_text(junit_xml(result, failures, time.monotonic() - started))
     reproduced = f"{result.reproduced:.6f}" if result.reproduced is not None else "-"
@@ -270,7 +264,7 @@ def export_command(
     """Write ID as one self-contained bundle: snapshot image(s), ledger rows, config, checksums."""
     from harness.share import export_experiment
 
-    with _status(f"exporting #{experiment_id}"):
+    with _spinner(f"exporting #{experiment_id}"):
         chain = export_experiment(lab, experiment_id, output, lineage)
     out.print(f"exported {', '.join(f'#{e.id}' for e in chain)} to {output} ({output.stat().st_size / 1e6:.1f} MB)",
               highlight=False)
@@ -284,7 +278,7 @@ def import_command(
     """Verify a bundle's checksums, load its snapshots and add its experiments to the lab's ledger."""
     from harness.share import import_bundle
 
-    with _status(f"importing {bundle}"):
+    with _spinner(f"importing {bundle}"):
         imported = import_bundle(lab, bundle)
     for item in imported:
         state = "as" if item.new else "already here as"
@@ -359,15 +353,15 @@ def smoke(
     runtime: Annotated[str, typer.Option(help="runc, or runsc for gVisor.")] = "runc",
 ) -> None:
     """A smoke test of the sandbox alone: exec, edit, snapshot, restore, all in a hardened container."""
+    from harness.image import build_image
     from sandbox.engine import reap_orphans
-    from sandbox.images import build_image
     from sandbox.policy import SandboxPolicy
     from sandbox.sandbox import Sandbox
     from sandbox.snapshots import SnapshotStore
 
     reap_orphans()
-    with _status("preparing the sandbox image") as update:
-        image = build_image(progress=update)
+    with _spinner("preparing the sandbox image") as update:
+        image = build_image(on_step=update)
     policy = SandboxPolicy(image=image, runtime=runtime)
     store = SnapshotStore()
     session = f"smoke{int(time.time())}"

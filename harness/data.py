@@ -35,14 +35,14 @@ class PreparedData(BaseModel):
         return self.meta.get("floor_bpb")
 
 
-def ensure_data(lab: Path, config: LabConfig, progress=lambda line: None) -> PreparedData:
+def ensure_data(lab: Path, config: LabConfig, on_step=lambda line: None) -> PreparedData:
     """Prepare the lab's data once (again only when `data`, `data_sha256` or `seed` change)."""
     root = Path(lab) / DATA_DIR
     key = {"data": config.data, "sha256": config.data_sha256, "seed": config.seed}
     train_dir, heldout_dir = root / "train", root / "heldout"
     key_file = root / KEY_FILE
     if not (key_file.exists() and json.loads(key_file.read_text()) == key and (heldout_dir / "val.bin").exists()):
-        progress(f"preparing data: {config.data}")
+        on_step(f"preparing data: {config.data}")
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root) as scratch:
             try:

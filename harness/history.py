@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import difflib
-import json
 
 from harness.ledger import Experiment
+from harness.text import clip, printable
 
 DIFF_CONTEXT = 3
-# What may not reach a model or a terminal: C0 controls but newline and tab, DEL and the C1 range (U+009B is
-# a one-character CSI to some terminals), and lone surrogates (a file name with invalid UTF-8 bytes arrives
-# as surrogate escapes; they cannot even be encoded). Each becomes U+FFFD, as safe_text does for bytes.
-_UNPRINTABLE = {code: "\ufffd" for code in [*range(0x20), *range(0x7F, 0xA0), *range(0xD800, 0xE000)]
-                if chr(code) not in "\n\t"}
-
-
-def printable(text: str) -> str:
-    """`text` safe to show to a model or print on a terminal: only newline and tab of the control characters."""
-    return text.translate(_UNPRINTABLE)
-
-
-def sources_of(experiment: Experiment | None, root_sources: dict[str, str]) -> dict[str, str]:
-    if experiment is None or not experiment.sources_json:
-        return dict(root_sources)
-    return json.loads(experiment.sources_json)
 
 
 def unified_diff(old: dict[str, str], new: dict[str, str], old_label: str, new_label: str) -> str:
@@ -48,7 +32,7 @@ def metric_text(value: float | None) -> str:
     return f"{value:.6f}" if value is not None else "-"
 
 
-def one_line(e: Experiment) -> str:
+def summary_line(e: Experiment) -> str:
     parent = f"#{e.parent_id}" if e.parent_id else "base"
     gap = f" gap {e.floor_gap:.4f}" if e.floor_gap is not None else ""
     return (f"#{e.id} (from {parent}) {e.status:8s} val_bpb {metric_text(e.metric)}{gap} "
@@ -60,11 +44,11 @@ def experiment_list(experiments: list[Experiment], limit: int) -> str:
     if not shown:
         return "no experiments yet"
     header = f"{len(experiments)} experiments" + (f", the latest {len(shown)}:" if len(shown) < len(experiments) else ":")
-    return "\n".join([header, *(one_line(e) for e in shown)])
+    return "\n".join([header, *(summary_line(e) for e in shown)])
 
 
 def experiment_detail(e: Experiment, max_diff_chars: int = 6000) -> str:
-    lines = [one_line(e), f"snapshot: {printable(e.snapshot or '-')}"]
+    lines = [summary_line(e), f"snapshot: {printable(e.snapshot or '-')}"]
     if e.memory_bytes:
         lines.append(f"peak memory: {e.memory_bytes / 1024**3:.2f} GB; training {e.train_seconds or 0:.1f} s")
     if e.tokens_in or e.tokens_out:
@@ -72,7 +56,7 @@ def experiment_detail(e: Experiment, max_diff_chars: int = 6000) -> str:
     diff = printable(e.diff or "")  # rows come from bundles too: what is shown is made safe where it is shown
     lines.append("diff against its parent:" if diff else "diff against its parent: (none)")
     if diff:
-        lines.append(diff if len(diff) <= max_diff_chars else diff[:max_diff_chars] + "\n[... diff truncated ...]")
+        lines.append(clip(diff, max_diff_chars))
     if e.log_tail and e.status in ("crash", "timeout"):
         lines += ["log tail:", printable(e.log_tail)]
     return "\n".join(lines)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from harness.config import CONFIG_FILE, ConfigError, LabConfig
@@ -122,13 +124,21 @@ def lock_lab(path: Path) -> int:
     return fd
 
 
+@contextlib.contextmanager
+def lab_locked(path: Path) -> Iterator[None]:
+    """Hold the lab's exclusive lock for the block (LabBusy if another labrat process holds it)."""
+    fd = lock_lab(path)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def rollback(path: Path, experiment_id: int) -> str:
     """Make experiment_id the starting point of the lab's next experiments. Returns what was done."""
     from sandbox.snapshots import SnapshotStore
 
-    fd = lock_lab(path)
-    ledger = open_ledger(path)
-    try:
+    with lab_locked(path), open_ledger(path) as ledger:
         experiment = experiment_or_error(ledger, experiment_id)
         if experiment.status == "running" or not experiment.snapshot:
             raise ConfigError(f"experiment #{experiment_id} has no snapshot to start from ({experiment.status})")
@@ -142,9 +152,6 @@ def rollback(path: Path, experiment_id: int) -> str:
             done = f"the next session starts from #{experiment_id}"
         ledger.record_event(last.id if last else None, "rollback", experiment=experiment_id)
         return done
-    finally:
-        ledger.close()
-        os.close(fd)
 
 
 def gc_lab(path: Path, dry_run: bool = False):
@@ -152,9 +159,8 @@ def gc_lab(path: Path, dry_run: bool = False):
     base, a pending rollback target and all their ancestors (so each stays restorable)."""
     from sandbox.snapshots import SnapshotStore
 
-    fd = lock_lab(path)  # a running session's containers stand on its snapshots
-    ledger = open_ledger(path)
-    try:
+    # The lock: a running session's containers stand on its snapshots.
+    with lab_locked(path), open_ledger(path) as ledger:
         lab_id = ledger.meta("lab_id")
         if not lab_id:
             raise ConfigError(f"{path} has no experiments yet: nothing to collect")
@@ -170,6 +176,3 @@ def gc_lab(path: Path, dry_run: bool = False):
         if not dry_run:
             ledger.record_event(None, "gc", removed=report.removed, bytes_freed=report.bytes_freed)
         return report
-    finally:
-        ledger.close()
-        os.close(fd)

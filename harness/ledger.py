@@ -19,7 +19,8 @@ from pydantic import BaseModel
 
 from harness import failpoints
 
-Status = Literal["running", "keep", "discard", "crash", "timeout"]
+Verdict = Literal["keep", "discard", "crash", "timeout"]  # how an experiment ended
+Status = Literal["running", "keep", "discard", "crash", "timeout"]  # an experiment row: running, then its verdict
 SCHEMA_VERSION = 2
 # Columns added after version 1: a ledger made by an older labrat gets them on open (ALTER TABLE ADD COLUMN).
 ADDED_COLUMNS = {
@@ -129,7 +130,7 @@ class Experiment(BaseModel):
     finished_at: str | None = None
 
 
-class Session(BaseModel):
+class SessionRow(BaseModel):
     id: str
     started_at: str
     ended_at: str | None
@@ -146,7 +147,16 @@ class Session(BaseModel):
         return json.loads(self.config_json)
 
 
+class Imported(BaseModel):
+    original_id: int
+    id: int
+    description: str
+    new: bool  # False when the lab already had this experiment (same snapshot image)
+
+
 class Ledger:
+    """All of labrat's SQL. Use as `with Ledger(path) as ledger:`; every write is one transaction."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions only
@@ -178,9 +188,15 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- sessions ----------------------------------------------------------------------------------
     def start_session(self, session_id: str, agent: str, model: str | None, config: dict,
-                      base_experiment_id: int | None = None, root_sources: dict[str, str] | None = None) -> Session:
+                      base_experiment_id: int | None = None, root_sources: dict[str, str] | None = None) -> SessionRow:
         with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO sessions (id, started_at, agent, model, config_json, base_experiment_id,"
                        " root_sources_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -194,7 +210,7 @@ class Ledger:
             db.execute("UPDATE sessions SET ended_at = ?, stop_reason = ?, resumable = ? WHERE id = ?",
                        (_now(), reason, int(resumable), session_id))
 
-    def reopen_session(self, session_id: str) -> Session:
+    def reopen_session(self, session_id: str) -> SessionRow:
         with self.transaction() as db:
             db.execute("UPDATE sessions SET ended_at = NULL, stop_reason = NULL, resumable = 1 WHERE id = ?", (session_id,))
         return self.session(session_id)
@@ -204,18 +220,24 @@ class Ledger:
         with self.transaction() as db:
             db.execute("UPDATE sessions SET base_experiment_id = ? WHERE id = ?", (experiment_id, session_id))
 
-    def session(self, session_id: str) -> Session:
+    def session(self, session_id: str) -> SessionRow:
         row = self.db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
         if row is None:
             raise KeyError(f"no session {session_id} in {self.path}")
-        return Session(**dict(row))
+        return SessionRow(**dict(row))
 
-    def sessions(self) -> list[Session]:
-        return [Session(**dict(row)) for row in self.db.execute("SELECT * FROM sessions ORDER BY started_at, rowid")]
+    def sessions(self) -> list[SessionRow]:
+        return [SessionRow(**dict(row)) for row in self.db.execute("SELECT * FROM sessions ORDER BY started_at, rowid")]
 
-    def last_session(self) -> Session | None:
+    def last_session(self) -> SessionRow | None:
         row = self.db.execute("SELECT * FROM sessions ORDER BY started_at DESC, rowid DESC LIMIT 1").fetchone()
-        return Session(**dict(row)) if row else None
+        return SessionRow(**dict(row)) if row else None
+
+    def set_root_sources(self, session_id: str, sources: dict[str, str]) -> SessionRow:
+        """Record the workspace a session started from (the first experiment's diff is against it)."""
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET root_sources_json = ? WHERE id = ?", (json.dumps(sources), session_id))
+        return self.session(session_id)
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -287,6 +309,37 @@ class Ledger:
             query, args = query + " WHERE session_id = ?", (session_id,)
         return [Experiment(**dict(row)) for row in self.db.execute(query + " ORDER BY id", args)]
 
+    def running_experiment_id(self, session_id: str) -> int | None:
+        row = self.db.execute("SELECT id FROM experiments WHERE session_id = ? AND status = 'running'",
+                              (session_id,)).fetchone()
+        return row["id"] if row else None
+
+    def lineage(self, experiment_id: int) -> list[Experiment]:
+        """The experiment and its ancestors, oldest first (parents this ledger lacks end the chain)."""
+        chain = [self.experiment(experiment_id)]
+        while chain[-1].parent_id is not None:
+            try:
+                chain.append(self.experiment(chain[-1].parent_id))
+            except KeyError:
+                break
+        return chain[::-1]
+
+    def sources(self, experiment_id: int) -> dict[str, str]:
+        """{path: text} of an experiment's workspace sources. 0 is the lab's starting point (the workspace its
+        first session started from); an experiment that recorded none (it crashed early) has its session's
+        starting sources. Raises KeyError for an unknown id."""
+        if experiment_id == 0:
+            first = self.db.execute("SELECT id FROM sessions ORDER BY started_at, rowid LIMIT 1").fetchone()
+            return self.root_sources(first["id"]) if first else {}
+        experiment = self.experiment(experiment_id)
+        if experiment.sources_json:
+            return json.loads(experiment.sources_json)
+        return self.root_sources(experiment.session_id)
+
+    def root_sources(self, session_id: str) -> dict[str, str]:
+        """{path: text} of the workspace a session started from ({} until it is recorded)."""
+        return json.loads(self.session(session_id).root_sources_json or "{}")
+
     def best(self, session_id: str | None = None) -> Experiment | None:
         where = " AND session_id = ?" if session_id else ""
         row = self.db.execute(
@@ -309,6 +362,34 @@ class Ledger:
         with self.transaction() as db:
             db.execute("INSERT INTO events (session_id, kind, detail_json, created_at) VALUES (?, ?, ?, ?)",
                        (session_id, kind, json.dumps(detail, default=str), _now()))
+
+    # -- bundles -----------------------------------------------------------------------------------
+    def add_imported(self, sessions: list[SessionRow], experiments: list[Experiment], source: str) -> list[Imported]:
+        """Add a bundle's rows (as exported from another lab): sessions closed, experiments under new ids with
+        their parents mapped; an experiment whose snapshot image this lab already has is not added twice."""
+        imported: list[Imported] = []
+        new_ids: dict[int, int] = {}
+        with self.transaction() as db:
+            for session in sessions:
+                db.execute(
+                    "INSERT OR IGNORE INTO sessions (id, started_at, ended_at, agent, model, config_json, stop_reason,"
+                    " resumable, root_sources_json) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                    (session.id, session.started_at, session.ended_at or session.started_at, session.agent,
+                     session.model, session.config_json, f"imported from {source}", session.root_sources_json))
+            for e in experiments:
+                row = db.execute("SELECT id FROM experiments WHERE snapshot_image_id = ?",
+                                 (e.snapshot_image_id,)).fetchone()
+                if row:
+                    new_ids[e.id] = row["id"]
+                    imported.append(Imported(original_id=e.id, id=row["id"], description=e.description, new=False))
+                    continue
+                fields = e.model_dump(exclude={"id"})
+                fields["parent_id"] = new_ids.get(e.parent_id) if e.parent_id is not None else None
+                cursor = db.execute(f"INSERT INTO experiments ({', '.join(fields)}) VALUES "
+                                    f"({', '.join('?' * len(fields))})", tuple(fields.values()))
+                new_ids[e.id] = int(cursor.lastrowid)
+                imported.append(Imported(original_id=e.id, id=new_ids[e.id], description=e.description, new=True))
+        return imported
 
     # -- export ------------------------------------------------------------------------------------
     def results_tsv(self) -> str:

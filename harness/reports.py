@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from harness.history import sources_of, unified_diff
+from harness.history import unified_diff
 from harness.lab import open_ledger
 from harness.ledger import Experiment
 
@@ -42,12 +42,9 @@ def plot(lab: Path, out: Path) -> PlotSeries:
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
-    ledger = open_ledger(lab)
-    try:
+    with open_ledger(lab) as ledger:
         experiments = ledger.experiments()
-        floor = _floor(ledger, experiments)
-    finally:
-        ledger.close()
+    floor = _floor(experiments)
     series = plot_series(experiments, floor)
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     ax.scatter(series.ids, series.metrics, s=18, color="#b0b0b0", label="experiment", zorder=2)
@@ -66,7 +63,7 @@ def plot(lab: Path, out: Path) -> PlotSeries:
     return series
 
 
-def _floor(ledger, experiments: list[Experiment]) -> float | None:
+def _floor(experiments: list[Experiment]) -> float | None:
     for e in reversed(experiments):
         if e.eval_json and (floor := json.loads(e.eval_json).get("floor_bpb")) is not None:
             return floor
@@ -75,13 +72,12 @@ def _floor(ledger, experiments: list[Experiment]) -> float | None:
 
 def report(lab: Path) -> str:
     """Markdown: the best variant, its diff against the baseline, the lineage of kept changes, totals."""
-    ledger = open_ledger(lab)
-    try:
+    with open_ledger(lab) as ledger:
         experiments = ledger.experiments()
         best = ledger.best()
-        sessions = {s.id: s for s in ledger.sessions()}
-    finally:
-        ledger.close()
+        sessions = ledger.sessions()
+        chain = ledger.lineage(best.id) if best else []
+        root_and_best = (ledger.sources(chain[0].id), ledger.sources(best.id)) if best else None
     counts = {status: sum(e.status == status for e in experiments) for status in ("keep", "discard", "crash", "timeout")}
     lines = [f"# labrat report: {Path(lab).resolve().name}", "",
              f"{len(experiments)} experiments in {len(sessions)} session(s): "
@@ -92,19 +88,13 @@ def report(lab: Path) -> str:
               f"- agent cost: ${sum(e.cost_usd for e in experiments):.4f}", ""]
     if best is None:
         return "\n".join(lines + ["No experiment has been kept yet."]) + "\n"
-    by_id = {e.id: e for e in experiments}
-    chain = [best]
-    while chain[-1].parent_id is not None and chain[-1].parent_id in by_id:
-        chain.append(by_id[chain[-1].parent_id])
-    chain.reverse()
     gap = f" (gap to the entropy floor {best.floor_gap:.4f})" if best.floor_gap is not None else ""
     lines += ["## Best variant", "", f"#{best.id}: val_bpb **{best.metric:.6f}**{gap}, {best.description}",
               f"snapshot `{best.snapshot}`; reproduce with `labrat reproduce {best.id}`.", "",
               "## Lineage of kept changes", "", "| # | val_bpb | change |", "|---|---|---|"]
     lines += [f"| {e.id} | {e.metric:.6f} | {' '.join(e.description.split())} |" for e in chain]
     root = chain[0]
-    root_sources = json.loads(sessions[root.session_id].root_sources_json or "{}") if root.session_id in sessions else {}
-    diff = unified_diff(sources_of(root, root_sources), sources_of(best, root_sources), f"#{root.id}", f"#{best.id}")
+    diff = unified_diff(*root_and_best, f"#{root.id}", f"#{best.id}")
     lines += ["", f"## Diff of the best variant against the baseline (#{root.id})", "", "```diff",
               diff.rstrip("\n") or "(no change)", "```"]
     return "\n".join(lines) + "\n"

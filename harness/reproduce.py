@@ -19,10 +19,10 @@ from pydantic import BaseModel
 
 from harness.config import ConfigError, LabConfig
 from harness.data import ensure_data
+from harness.image import build_image
 from harness.lab import experiment_or_error, open_ledger
-from harness.runner import Runner, evaluator_sha256
+from harness.runner import LocalExecutor, evaluator_sha256
 from sandbox.errors import SnapshotMissing
-from sandbox.images import build_image
 from sandbox.snapshots import SnapshotStore
 
 log = structlog.get_logger(__name__)
@@ -40,16 +40,11 @@ class Reproduction(BaseModel):
     ok: bool
     reason: str  # one line: why it passed or failed
 
-    @property
-    def delta(self) -> float | None:
-        return None if self.reproduced is None else self.reproduced - self.recorded
-
 
 def reproduce(lab: Path, experiment_id: int, tolerance: float | None = None,
-              progress: Callable[[str], None] = lambda line: None) -> Reproduction:
+              on_step: Callable[[str], None] = lambda line: None) -> Reproduction:
     lab = Path(lab)
-    ledger = open_ledger(lab)
-    try:
+    with open_ledger(lab) as ledger:
         experiment = experiment_or_error(ledger, experiment_id)
         if experiment.metric is None:
             raise ConfigError(f"experiment #{experiment_id} has no metric to reproduce (it ended as {experiment.status})")
@@ -69,23 +64,23 @@ def reproduce(lab: Path, experiment_id: int, tolerance: float | None = None,
                 f"experiment #{experiment_id} was evaluated by evaluator {str(recorded_evaluator)[:12]}, this labrat has "
                 f"{evaluator_sha256()[:12]}: a reproduction would not compare like with like (use the labrat version "
                 "that ran it)")
-        progress("preparing the image and data")
-        data = ensure_data(lab, config, progress=progress)
+        on_step("preparing the image and data")
+        data = ensure_data(lab, config, on_step=on_step)
         for label, key in (("data_sha256", "train_sha256"), ("heldout_sha256", "val_sha256")):
             if snapshot.labels.get(label) and snapshot.labels[label] != data.meta.get(key):
                 raise ConfigError(f"the lab's data differ from experiment #{experiment_id}'s ({label} mismatch): "
                                   f"check `data`/`seed` in labrat.toml")
-        image = build_image(gpu=bool(config.gpus), progress=progress)
-        runner = Runner(config, image, data, store, session_id=f"repro{experiment_id}-{secrets.token_hex(2)}")
+        image = build_image(gpu=bool(config.gpus), on_step=on_step)
+        runner = LocalExecutor(config, image, data, store, session_id=f"repro{experiment_id}-{secrets.token_hex(2)}")
         deterministic = config.deterministic_steps is not None
         tol = tolerance if tolerance is not None else (0.0 if deterministic else DEFAULT_TOLERANCE)
-        progress(f"training #{experiment_id} from {snapshot.name}")
+        on_step(f"training #{experiment_id} from {snapshot.name}")
         trained = runner.train(snapshot)
         reproduced, reason = None, ""
         if trained.status != "ok":
             reason = f"training {trained.status}: {trained.reason}"
         else:
-            progress(f"evaluating #{experiment_id}")
+            on_step(f"evaluating #{experiment_id}")
             evaluated = runner.evaluate(trained, seed=_probe_seed(experiment))
             if not evaluated.ok:
                 reason = f"evaluation failed: {evaluated.reason}"
@@ -102,8 +97,6 @@ def reproduce(lab: Path, experiment_id: int, tolerance: float | None = None,
         ledger.record_event(experiment.session_id, "reproduce", **result.model_dump())
         log.info("experiment.reproduced", id=experiment_id, ok=ok, recorded=experiment.metric, reproduced=reproduced)
         return result
-    finally:
-        ledger.close()
 
 
 def _probe_seed(experiment) -> int | None:
@@ -115,19 +108,18 @@ def _probe_seed(experiment) -> int | None:
 
 
 def regress(lab: Path, experiment_id: int | None, baseline: float | None, tolerance: float | None,
-            progress: Callable[[str], None] = lambda line: None) -> tuple[Reproduction, list[str]]:
+            on_step: Callable[[str], None] = lambda line: None) -> tuple[Reproduction, list[str]]:
     """Re-run the best (or the named) experiment; returns the reproduction and the failures (empty: passed).
 
     A failure is a reproduced metric worse than the recorded one by more than the tolerance, or worse
     than the baseline. A reproduction that comes out *better* is not a regression."""
     if experiment_id is None:
-        ledger = open_ledger(lab)
-        best = ledger.best()
-        ledger.close()
+        with open_ledger(lab) as ledger:
+            best = ledger.best()
         if best is None:
             raise ConfigError(f"{lab} has no kept experiment to regress")
         experiment_id = best.id
-    result = reproduce(lab, experiment_id, tolerance, progress)
+    result = reproduce(lab, experiment_id, tolerance, on_step)
     failures = []
     if result.reproduced is None:
         failures.append(f"#{experiment_id} did not reproduce: {result.reason}")

@@ -33,25 +33,27 @@ from pydantic import BaseModel
 from harness import failpoints
 from harness.config import LabConfig
 from harness.data import PreparedData
+from harness.image import REPO_ROOT
+from harness.text import last_lines
 from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxError
-from sandbox.images import REPO_ROOT
 from sandbox.policy import SandboxPolicy
-from sandbox.sandbox import Sandbox, SandboxProcess
+from sandbox.process import SandboxProcess
+from sandbox.sandbox import Sandbox
 from sandbox.snapshots import Snapshot, SnapshotStore
+from trainer import contract
 from trainer import evaluate as ev
 from trainer.prepare import TRAIN_DEADLINE_ENV, load_tokens
 
 log = structlog.get_logger(__name__)
 
 TRAIN_DATA = "/data"  # where the training split is mounted, read-only
-EVAL_SEQ_LEN = {"cpu-tiny": 128, "gpu": 2048}  # fixed per size class, so results stay comparable
 WORKER = ["python", "-m", "trainer.evaluate", "--worker", "/tmp"]  # the image's pristine evaluator, as the agent
 _READER = ThreadPoolExecutor(2, thread_name_prefix="train-summary")  # summary.json, off the critical path
 EVAL_FAILPOINTS = {"scoring": "train.checkpoint_copied", "judging": "eval.running"}  # evaluation phase -> point
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
 
-EVALUATOR_FILES = ("trainer/__init__.py", "trainer/prepare.py", "trainer/evaluate.py")
+EVALUATOR_FILES = ("trainer/__init__.py", "trainer/contract.py", "trainer/prepare.py", "trainer/evaluate.py")
 Phase = Callable[[str, float | None], None]  # progress: (phase name, seconds allowed or None)
 
 
@@ -146,12 +148,13 @@ def timed(timings: dict[str, float], name: str):
         timings[name] = round(timings.get(name, 0.0) + time.monotonic() - started, 4)
 
 
-def tail(text: str, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])[-chars:]
+def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return last_lines(text, lines, LOG_TAIL_CHARS)
 
 
-class Runner:
-    """Trains and evaluates snapshots under one lab's configuration."""
+class LocalExecutor:
+    """Runs experiments on the local Docker engine (harness/experiment.py's Executor): snapshots, trains and
+    evaluates under one lab's configuration, and starts its working containers."""
 
     def __init__(self, config: LabConfig, image: str, data: PreparedData, store: SnapshotStore, session_id: str):
         self.config = config
@@ -162,12 +165,12 @@ class Runner:
         self.work_policy = SandboxPolicy(
             image=image, runtime=config.runtime, gpus=config.gpus, memory_bytes=int(config.memory_gb * 1024**3),
             disk_bytes=int(config.disk_gb * 1024**3), cpus=config.cpus, ro_mounts={TRAIN_DATA: str(data.train_dir)},
-            file_size_bytes=ev.CHECKPOINT_LIMIT,  # the checkpoint's limit is the same on both sides
+            file_size_bytes=contract.CHECKPOINT_LIMIT,  # the checkpoint's limit is the same on both sides
         )
         # Evaluation workers hold no data and no capability: a read-only root, so the model can write only the
         # /tmp tmpfs, which is sized to hold the largest checkpoint allowed.
         self.eval_policy = self.work_policy.model_copy(update={
-            "ro_mounts": {}, "read_only": True, "tmp_bytes": ev.CHECKPOINT_LIMIT + 256 * 1024**2,
+            "ro_mounts": {}, "read_only": True, "tmp_bytes": contract.CHECKPOINT_LIMIT + 256 * 1024**2,
         })
         self._heldout = None
 
@@ -186,6 +189,20 @@ class Runner:
         if self.config.deterministic_steps:
             cmd += ["--deterministic", "--steps", str(self.config.deterministic_steps)]
         return cmd
+
+    def start_work_box(self, snapshot: Snapshot | str | None) -> Sandbox:
+        """A working container of a snapshot, or of the sandbox image for None."""
+        if snapshot is None:
+            return Sandbox.start(self.work_policy, session=self.session_id, role="work")
+        return self.store.restore(snapshot, self.work_policy, session=self.session_id, role="work")
+
+    def snapshot(self, box: Sandbox, name: str, labels: dict[str, str]) -> Snapshot:
+        return self.store.snapshot(box, name=name, labels=labels)
+
+    def provenance(self) -> dict[str, str]:
+        return {"trainer_config": self.config.trainer_config, "seed": str(self.config.seed),
+                "data_sha256": self.data.meta.get("train_sha256", ""), "heldout_sha256": self.data.meta.get("val_sha256", ""),
+                "evaluator_sha256": evaluator_sha256(), "config": self.config.model_dump_json()}
 
     # -- training ----------------------------------------------------------------------------------
     def train(self, snapshot: Snapshot, phase: Phase = lambda name, seconds: None,
@@ -253,7 +270,7 @@ class Runner:
         """Score the trained checkpoint with trainer/evaluate.py's driver, here in the harness, its workers in
         fresh containers; then remove the training container. `seed` replays a recorded evaluation."""
         timings = {} if timings is None else timings
-        seq_len = EVAL_SEQ_LEN[self.config.trainer_config]
+        seq_len = contract.EVAL_SEQ_LENS[self.config.trainer_config]  # fixed per size class
         started = time.monotonic()
         try:
             if workers is None:
@@ -284,6 +301,6 @@ def _checkpoint_chunks(box: Sandbox, path: str):
     """ckpt.pt out of the training container, chunk by chunk; a missing, planted or oversized one is the
     experiment's failure (a lost engine is the harness's, and propagates)."""
     try:
-        yield from box.stream_file(path, ev.CHECKPOINT_LIMIT)
+        yield from box.stream_file(path, contract.CHECKPOINT_LIMIT)
     except (FileMissing, PathRefused, FileTooLarge) as exc:
         raise ev.EvaluationError(f"training wrote no usable checkpoint: {exc}") from None

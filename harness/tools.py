@@ -7,25 +7,29 @@ error that the agent can act on, and the loop goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from harness import failpoints, history
+from harness.ledger import Experiment
+from harness.session import Session
+from harness.text import clip, one_line, printable
+from harness.workbench import Workbench
 from sandbox.errors import EngineUnavailable, FileMissing, FileTooLarge, PathRefused, SandboxClosed, SandboxError
-from sandbox.sandbox import safe_text, workspace_relpath
-
-if TYPE_CHECKING:
-    from harness.session import Session
+from sandbox.files import workspace_relpath
 
 log = structlog.get_logger(__name__)
 
 MODEL_OUTPUT_CHARS = 12_000  # what one tool result may put into the model's context (head and tail kept)
 ERROR_CHARS = 1_000  # a refusal or failure message: one precise line, however long the input it names
-SHOWN_CHARS = 60  # an input value (a key, a path) quoted in a message
+SHOWN_CHARS = 80  # an input value (a key, a path) quoted in a message
+LOG_CHARS = 2_500  # of a crashed experiment's log, told to the agent
 MAX_ID = 2**31 - 1  # experiment ids: larger ones cannot exist (and would overflow SQLite's INTEGER)
 BASH_DEFAULT_TIMEOUT = 120.0
 BASH_MAX_TIMEOUT = 600.0
@@ -82,8 +86,8 @@ class ShowExperimentInput(_Input):
 
 
 class DiffInput(_Input):
-    a: int = Field(ge=0, le=MAX_ID, description="An experiment id (0 = the session's starting point).")
-    b: int = Field(ge=0, le=MAX_ID, description="An experiment id (0 = the session's starting point).")
+    a: int = Field(ge=0, le=MAX_ID, description="An experiment id (0 = the lab's starting point, as shipped).")
+    b: int = Field(ge=0, le=MAX_ID, description="An experiment id (0 = the lab's starting point, as shipped).")
 
 
 TOOLS: dict[str, tuple[type[_Input], str]] = {
@@ -112,28 +116,30 @@ def tool_specs() -> list[dict]:
     return specs
 
 
-def clip(text: str, limit: int = MODEL_OUTPUT_CHARS) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
-
-
 def shown(value: object) -> str:
-    """An input value as quoted in a message: printable, on one line, at most SHOWN_CHARS characters."""
-    text = str(value)
-    if len(text) > SHOWN_CHARS:
-        text = f"{text[:SHOWN_CHARS // 2]}...[{len(text)} chars]...{text[-SHOWN_CHARS // 4:]}"
-    return history.printable(text).replace("\n", "\\n").replace("\t", "\\t")
+    """An input value as quoted in a message: printable, on one line, at most about SHOWN_CHARS characters."""
+    return one_line(value, SHOWN_CHARS)
 
 
 def error_text(message: str) -> str:
     """A refusal or failure as the agent gets it: one printable line, short even when it quotes a huge input."""
-    message = history.printable(message).replace("\n", "\\n").replace("\t", "\\t")
-    if len(message) <= ERROR_CHARS:
-        return message
-    half = ERROR_CHARS // 2 - 20
-    return f"{message[:half]} [... {len(message) - 2 * half} characters cut ...] {message[-half:]}"
+    return one_line(message, ERROR_CHARS)
+
+
+def outcome_text(e: Experiment, base: Experiment | None) -> str:
+    """What the agent is told about an experiment it ran (`base`: the session's base after it)."""
+    best = f"#{base.id} at val_bpb {base.metric:.6f}" if base and base.metric is not None else "none yet"
+    if e.status in ("crash", "timeout"):
+        return (f"experiment #{e.id}: {e.status}. {printable(e.log_tail or '')[-LOG_CHARS:]}\n"
+                f"The workspace was reset to the best version ({best}).")
+    gap = f", gap to the data's entropy floor {e.floor_gap:.4f}" if e.floor_gap is not None else ""
+    with contextlib.suppress(TypeError, ValueError, KeyError):
+        gap = f" ± {json.loads(e.eval_json)['val_bpb_se']:.4f} (standard error){gap}"
+    memory = f", peak memory {e.memory_bytes / 1024**3:.2f} GB" if e.memory_bytes else ""
+    verdict = ("kept: it is the new best; the workspace now holds it" if e.status == "keep"
+               else f"discarded (not better than {best}); the workspace was reset to it")
+    return (f"experiment #{e.id}: val_bpb {e.metric:.6f}{gap}; training {e.train_seconds or 0:.1f} s{memory}. "
+            f"{verdict}.")
 
 
 def _validation_message(name: str, exc: ValidationError) -> str:
@@ -145,23 +151,31 @@ def _validation_message(name: str, exc: ValidationError) -> str:
     return error_text(f"invalid input for {name}: " + "; ".join(problems))
 
 
-class Toolbox:
-    """Executes tool calls for one session; every call is recorded in the ledger."""
+RESTORED = "the sandbox stopped (a limit killed it, or its engine restarted); it was restored to the session's base"
 
-    def __init__(self, session: Session):
-        self.session = session
-        self.undo: dict[str, list[str | None]] = {}  # path -> previous contents (None: did not exist)
+
+class Toolbox:
+    """Executes an agent's tool calls for one session; every call is recorded in the ledger. The agent's
+    only handle on the harness: it also takes the agent's API spend (`charge`)."""
+
+    def __init__(self, session: Session, workbench: Workbench, run_experiment: Callable[[str], Experiment]):
+        self.session, self.workbench = session, workbench
+        self._run_experiment_job = run_experiment
+
+    def charge(self, tokens_in: int, tokens_out: int, cost_usd: float) -> None:
+        """The agent's API spend; it is recorded with the next experiment."""
+        self.session.add_usage(tokens_in, tokens_out, cost_usd)
 
     def call(self, name: str, raw_input: object) -> ToolResult:
         started = time.monotonic()
         failpoints.reach("tool.before")
         result = self._dispatch(name, raw_input)
         # Every result is printable (a file name or an output may hold terminal escapes) and bounded.
-        result = ToolResult(text=clip(history.printable(result.text)), is_error=result.is_error)
+        result = ToolResult(text=clip(printable(result.text), MODEL_OUTPUT_CHARS), is_error=result.is_error)
         # The name is the model's: it may be anything, and the ledger's column takes text that encodes.
         recorded = shown(name if isinstance(name, str) else repr(name))
         self.session.record_tool_call(recorded, raw_input if isinstance(raw_input, dict) else {"raw": raw_input},
-                                      result, time.monotonic() - started)
+                                      result.text, result.is_error, time.monotonic() - started)
         failpoints.reach("tool.recorded")
         return result
 
@@ -185,18 +199,17 @@ class Toolbox:
             return ToolResult(text=error_text(str(exc)), is_error=True)
         except (SandboxClosed, EngineUnavailable):
             # A limit killed the container, or the Docker engine restarted under it.
-            self.session.restore_working_box()
-            return ToolResult(text="the sandbox stopped (a limit killed it, or its engine restarted); it was restored "
-                                   "to the session's base and your uncommitted edits are gone", is_error=True)
+            self.workbench.restore()
+            return ToolResult(text=f"{RESTORED} and your uncommitted edits are gone", is_error=True)
         except SandboxError as exc:  # e.g. a file operation timed out on a loaded machine: the agent may retry
             return ToolResult(text=error_text(f"the sandbox could not complete the call: {exc}"), is_error=True)
 
     # -- bash ----------------------------------------------------------------------------------------
     def _bash(self, args: BashInput) -> ToolResult:
         timeout = args.timeout or BASH_DEFAULT_TIMEOUT
-        run = self.session.box.exec(args.command, timeout=timeout)
-        if run.limit == "died" or run.limit == "memory" and self.session.box_is_dead():
-            self.session.replace_working_box()
+        run = self.workbench.box.exec(args.command, timeout=timeout)
+        if run.limit == "died" or run.limit == "memory" and self.workbench.is_dead():
+            self.workbench.start()
             return ToolResult(text=f"{run.stderr.strip()}\n[labrat: the sandbox was restored to the session's base; "
                                    "uncommitted edits are gone]", is_error=True)
         parts = []
@@ -212,7 +225,7 @@ class Toolbox:
         return getattr(self, f"_edit_{args.command}")(args)
 
     def _read(self, path: str) -> str:
-        data = self.session.box.read_file(path, max_bytes=EDITOR_MAX_FILE_BYTES)
+        data = self.workbench.box.read_file(path, max_bytes=EDITOR_MAX_FILE_BYTES)
         if b"\x00" in data:
             raise ToolError(f"{path} is a binary file; the editor only handles text")
         try:
@@ -228,12 +241,12 @@ class Toolbox:
 
     def _undo_key(self, path: str) -> str:
         # "/workspace/a.py", "a.py" and "./a.py" are one file with one undo history
-        return workspace_relpath(path, self.session.box.policy.workspace)
+        return workspace_relpath(path, self.workbench.box.policy.workspace)
 
     def _write(self, path: str, text: str) -> None:
         previous = self._current(path)
-        self.session.box.write_file(path, text)
-        self.undo.setdefault(self._undo_key(path), []).append(previous)
+        self.workbench.box.write_file(path, text)
+        self.workbench.undo.setdefault(self._undo_key(path), []).append(previous)
 
     def _edit_view(self, args: EditorInput) -> ToolResult:
         try:
@@ -241,7 +254,7 @@ class Toolbox:
         except PathRefused as exc:
             if "is a directory" not in str(exc):
                 raise
-            entries = self.session.box.list_dir(args.path, max_entries=500)
+            entries = self.workbench.box.list_dir(args.path, max_entries=500)
             return ToolResult(text="\n".join(f"{e.name}{'/' if e.kind == 'dir' else ''}\t{e.size}" for e in entries)
                               or "(empty directory)")
         lines = text.splitlines()
@@ -252,7 +265,7 @@ class Toolbox:
             if not 1 <= first <= max(len(lines), 1) or last < first or last > len(lines):
                 raise ToolError(f"view_range {args.view_range} is outside the file's {len(lines)} lines")
         numbered = "\n".join(f"{n:6}\t{lines[n - 1]}" for n in range(first, last + 1))
-        return ToolResult(text=safe_text(numbered.encode()) or "(empty file)")
+        return ToolResult(text=printable(numbered) or "(empty file)")
 
     def _edit_create(self, args: EditorInput) -> ToolResult:
         if args.file_text is None:
@@ -277,7 +290,7 @@ class Toolbox:
         line = text[: text.index(args.old_str)].count("\n") + 1
         snippet_lines = new_text.splitlines()[max(0, line - 4): line + 4 + (args.new_str or "").count("\n")]
         snippet = "\n".join(f"{max(1, line - 3) + i:6}\t{s}" for i, s in enumerate(snippet_lines))
-        return ToolResult(text=f"edited {args.path}; the changed region now reads:\n{safe_text(snippet.encode())}")
+        return ToolResult(text=f"edited {args.path}; the changed region now reads:\n{printable(snippet)}")
 
     def _edit_insert(self, args: EditorInput) -> ToolResult:
         new = args.new_str if args.new_str is not None else args.insert_text
@@ -294,24 +307,24 @@ class Toolbox:
         return ToolResult(text=f"inserted {new.count(chr(10)) + 1} line(s) after line {args.insert_line} of {args.path}")
 
     def _edit_undo_edit(self, args: EditorInput) -> ToolResult:
-        stack = self.undo.get(self._undo_key(args.path))
+        stack = self.workbench.undo.get(self._undo_key(args.path))
         if not stack:
             raise ToolError(f"no edit of {args.path} to undo (edits are undoable until the next experiment)")
         previous = stack.pop()
         if previous is None:
-            self.session.box.delete_file(args.path)
+            self.workbench.box.delete_file(args.path)
             return ToolResult(text=f"undone: {args.path} did not exist before, it was removed")
-        self.session.box.write_file(args.path, previous)
+        self.workbench.box.write_file(args.path, previous)
         return ToolResult(text=f"undone: {args.path} is back to its previous content")
 
     # -- experiments and history ----------------------------------------------------------------------
     def _run_experiment(self, args: RunExperimentInput) -> ToolResult:
-        self.undo.clear()  # the workspace is replaced after every experiment
         # The description is shown in tables and the live view, which rich renders as markup: a "[/]" would
         # crash `labrat log`, so brackets become parentheses (as in the agent's failure reasons).
-        description = history.printable(args.description).replace("[", "(").replace("]", ")")
-        experiment = self.session.run_experiment(description)
-        return ToolResult(text=self.session.describe_outcome(experiment), is_error=experiment.status in ("crash", "timeout"))
+        description = args.description.replace("[", "(").replace("]", ")")
+        experiment = self._run_experiment_job(description)
+        return ToolResult(text=outcome_text(experiment, self.session.base),
+                          is_error=experiment.status in ("crash", "timeout"))
 
     def _list_experiments(self, args: ListExperimentsInput) -> ToolResult:
         return ToolResult(text=history.experiment_list(self.session.ledger.experiments(), args.limit))
@@ -323,19 +336,13 @@ class Toolbox:
             raise ToolError(f"no experiment #{args.id}") from None
         return ToolResult(text=history.experiment_detail(experiment))
 
+    def _sources(self, experiment_id: int) -> dict[str, str]:
+        try:
+            return self.session.sources(experiment_id)
+        except KeyError:
+            raise ToolError(f"no experiment #{experiment_id}") from None
+
     def _diff(self, args: DiffInput) -> ToolResult:
-        old, new = self.session.sources(args.a), self.session.sources(args.b)
+        old, new = self._sources(args.a), self._sources(args.b)
         text = history.unified_diff(old, new, f"#{args.a}", f"#{args.b}")
         return ToolResult(text=text or f"#{args.a} and #{args.b} have the same sources")
-
-
-def describe_input(raw_input: object) -> str:
-    """A short one-line rendering of a tool input for logs and the live view."""
-    try:
-        text = json.dumps(raw_input, default=str)
-    except (TypeError, ValueError):
-        text = repr(raw_input)
-    return safe_text(text.encode())[:160]
-
-
-__all__ = ["TOOLS", "ToolResult", "Toolbox", "tool_specs", "SandboxError"]

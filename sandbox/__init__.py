@@ -17,7 +17,8 @@ if not structlog.is_configured():
 
 from sandbox.errors import SandboxError  # noqa: E402
 from sandbox.policy import SandboxPolicy  # noqa: E402
-from sandbox.sandbox import ExecResult, Sandbox  # noqa: E402
+from sandbox.process import ExecResult  # noqa: E402
+from sandbox.sandbox import Sandbox  # noqa: E402
 from sandbox.snapshots import Snapshot, SnapshotStore  # noqa: E402
 
 __all__ = ["ExecResult", "Sandbox", "SandboxError", "SandboxPolicy", "Snapshot", "SnapshotStore"]

@@ -1,7 +1,9 @@
 """The connection to the Docker engine, and translation of its failures into one-line errors.
 
 Every docker-py call in this package goes through `engine_errors()` so the user never sees a
-urllib3 traceback for a stopped daemon or a socket without permission.
+urllib3 traceback for a stopped daemon or a socket without permission. Functions and objects that
+talk to the engine take their docker client as the `client` keyword (docker-py's style); without
+one they use the process-wide `client()`.
 """
 
 import contextlib
@@ -19,7 +21,6 @@ from sandbox.errors import EngineUnavailable, ImageMissing, RuntimeUnavailable, 
 
 log = structlog.get_logger(__name__)
 
-LABEL_PREFIX = "labrat."
 LABEL_SESSION = "labrat.session"
 LABEL_ROLE = "labrat.role"
 LABEL_OWNER_PID = "labrat.owner_pid"
@@ -27,10 +28,14 @@ LABEL_OWNER_HOST = "labrat.owner_host"
 LABEL_OWNER_START = "labrat.owner_start"
 MIN_API_VERSION = "1.41"
 
-_RUNSC_HINT = (
+RUNSC_HINT = (
     'register it in /etc/docker/daemon.json as {"runtimes": {"runsc": {"path": "/usr/bin/runsc", '
     '"runtimeArgs": ["--network=none", "--overlay2=none"]}}} and reload dockerd (or run scripts/setup-host.sh)'
 )
+
+# docker-py's base exception: what engine_errors() lets through untranslated (an engine failure with no
+# one-line message of labrat's). Code outside this package catches it by this name, never docker's.
+EngineError = docker.errors.DockerException
 
 
 def _describe_connection_error(exc: BaseException) -> str:
@@ -67,7 +72,7 @@ def engine_errors(image: str | None = None):
                 "(nvidia-ctk runtime configure --runtime=docker) and restart dockerd, or run without --gpus"
             ) from exc
         if "unknown or invalid runtime name" in text or "Unknown runtime specified" in text:
-            raise RuntimeUnavailable(f"the engine does not know this runtime: {_RUNSC_HINT}") from exc
+            raise RuntimeUnavailable(f"the engine does not know this runtime: {RUNSC_HINT}") from exc
         raise
     except (requests.exceptions.ConnectionError, ConnectionError, socket.error) as exc:
         raise EngineUnavailable(_describe_connection_error(exc)) from exc
@@ -91,18 +96,42 @@ def client() -> docker.DockerClient:
 
 
 def reset_client() -> None:
-    """Forget cached clients (after DOCKER_HOST changes, or the daemon restarted)."""
+    """Forget cached clients (after DOCKER_HOST changes). A restarted daemon needs no reset: a client
+    opens its connections per request, so it reaches the new daemon on the same socket."""
     _client_for.cache_clear()
 
 
-def wait_for_engine(seconds: float) -> None:
+def resolve_client(given: docker.DockerClient | None) -> docker.DockerClient:
+    """The client a caller passed, else the process-wide one."""
+    return client() if given is None else given
+
+
+def engine_version(*, client: docker.DockerClient | None = None) -> dict:
+    """The engine's `docker version` (Version, ApiVersion, ...)."""
+    with engine_errors():
+        return resolve_client(client).version()
+
+
+def engine_info(*, client: docker.DockerClient | None = None) -> dict:
+    """The engine's `docker info` (Runtimes, DockerRootDir, SecurityOptions, ...)."""
+    with engine_errors():
+        return resolve_client(client).info()
+
+
+def running_containers(*, client: docker.DockerClient | None = None) -> list[tuple[str, dict]]:
+    """(name, `docker inspect`) of every running container on the engine, labrat's or not."""
+    with engine_errors():
+        return [(c.name, c.attrs) for c in resolve_client(client).containers.list(ignore_removed=True)]
+
+
+def wait_for_engine(seconds: float, *, client: docker.DockerClient | None = None) -> None:
     """Return once the engine answers a ping (at once if it does now); EngineUnavailable after `seconds`.
     A restarted dockerd takes ~20 s to come back; a session waits for it rather than giving up."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             with engine_errors():
-                client().ping()
+                resolve_client(client).ping()  # resolved each time: a down engine fails the default's first connect
             return
         except EngineUnavailable:
             if time.monotonic() >= deadline:
@@ -110,31 +139,38 @@ def wait_for_engine(seconds: float) -> None:
             time.sleep(1)
 
 
-def remove_stopped(session: str) -> list[str]:
+def remove_container(container: str, *, client: docker.DockerClient | None = None) -> None:
+    """Force-remove a container by id or name. Quiet when it is gone already (404) or another caller is
+    removing it (409): either way it ends up removed, which is all the caller asked for."""
+    with engine_errors():
+        try:
+            resolve_client(client).api.remove_container(container, force=True)
+        except docker.errors.APIError as exc:
+            if exc.status_code not in (404, 409):
+                raise
+
+
+def remove_stopped(session: str, *, client: docker.DockerClient | None = None) -> list[str]:
     """Remove the session's containers that are no longer running (killed with a restarted engine).
     Returns their names."""
     removed = []
     with engine_errors():
-        for row in client().api.containers(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
+        engine = resolve_client(client)
+        for row in engine.api.containers(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
             if row.get("State") in ("running", "removing"):
                 continue
-            try:
-                client().api.remove_container(row["Id"], force=True)
-            except docker.errors.APIError as exc:
-                if exc.status_code not in (404, 409):  # gone already, or another caller is removing it
-                    raise
+            remove_container(row["Id"], client=engine)
             removed.append(row["Names"][0].lstrip("/"))
     return removed
 
 
-def require_runtime(name: str) -> None:
+def require_runtime(name: str, *, client: docker.DockerClient | None = None) -> None:
     """Fail with a one-line hint when the engine has no runtime called `name`."""
     if name == "runc":
         return
-    with engine_errors():
-        runtimes = client().info().get("Runtimes", {})
+    runtimes = engine_info(client=client).get("Runtimes", {})
     if name not in runtimes:
-        hint = _RUNSC_HINT if name == "runsc" else "register it in /etc/docker/daemon.json and reload dockerd"
+        hint = RUNSC_HINT if name == "runsc" else "register it in /etc/docker/daemon.json and reload dockerd"
         raise RuntimeUnavailable(f"runtime {name!r} is not registered with the Docker engine: {hint}")
 
 
@@ -166,22 +202,19 @@ def _owner_alive(labels: dict[str, str]) -> bool:
     return bool(start) and start == labels.get(LABEL_OWNER_START, start)
 
 
-def reap_orphans() -> list[str]:
+def reap_orphans(*, client: docker.DockerClient | None = None) -> list[str]:
     """Remove labrat containers whose owning process (on this host) is dead. Returns their names."""
     reaped = []
     with engine_errors():
-        containers = client().containers.list(all=True, filters={"label": LABEL_OWNER_PID}, ignore_removed=True)
+        engine = resolve_client(client)
+        containers = engine.containers.list(all=True, filters={"label": LABEL_OWNER_PID}, ignore_removed=True)
         for container in containers:
             labels = container.labels
             if labels.get(LABEL_OWNER_HOST) != socket.gethostname():
                 continue  # another machine's engine client; not ours to judge
             if _owner_alive(labels):
                 continue
-            try:
-                container.remove(force=True)
-            except docker.errors.APIError as exc:
-                if exc.status_code not in (404, 409):  # gone already, or another caller is removing it
-                    raise
+            remove_container(container.id, client=engine)
             reaped.append(container.name)
     if reaped:
         log.info("sandbox.reaped_orphans", count=len(reaped), names=reaped)

@@ -10,6 +10,7 @@ Protocol: argv = [op, workspace, relpath, max_bytes]; file content on stdin/stdo
 exit 3 with a one-line message on stderr (exit 4: not found, 5: too large).
 """
 
+import contextlib
 import json
 import os
 import posixpath
@@ -108,9 +109,7 @@ def _resolve(root_fd, parts, create_dirs):
             fd = child
         return fd, ".", stack
     except BaseException:
-        os.close(fd)
-        for f in stack:
-            os.close(f)
+        _close(fd, stack)
         raise
 
 
@@ -127,27 +126,36 @@ def _close(fd, stack):
         os.close(f)
 
 
+@contextlib.contextmanager
 def _lookup(rel, create_dirs=False):
-    """(parent dir fd, final name, fds to close, lstat of the final entry or None if it does not exist)."""
+    """(parent dir fd, final name, lstat of the final entry or None if it does not exist); the directory
+    fds the walk opened stay open for the block and are closed after it."""
     root = _open_root()
     try:
         fd, name, stack = _resolve(root, _split(rel), create_dirs)
     finally:
         os.close(root)
     try:
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
-    return fd, name, stack, st
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        yield fd, name, st
+    finally:
+        _close(fd, stack)
+
+
+def _refuse_missing_or_dir(st, rel):
+    """Refuse a read or delete of an entry that does not exist or is a directory."""
+    if st is None:
+        raise NotFound(f"no such file: {rel}")
+    if stat.S_ISDIR(st.st_mode):
+        raise Refused(f"is a directory: {rel}")
 
 
 def op_read(rel, max_bytes):
-    fd, name, stack, st = _lookup(rel)
-    try:
-        if st is None:
-            raise NotFound(f"no such file: {rel}")
-        if stat.S_ISDIR(st.st_mode):
-            raise Refused(f"is a directory: {rel}")
+    with _lookup(rel) as (fd, name, st):
+        _refuse_missing_or_dir(st, rel)
         if not stat.S_ISREG(st.st_mode):
             raise Refused(f"not a regular file: {rel}")  # FIFOs and devices could block or never end
         if st.st_size > max_bytes:
@@ -164,8 +172,6 @@ def op_read(rel, max_bytes):
             out.flush()
         finally:
             os.close(f)
-    finally:
-        _close(fd, stack)
 
 
 def op_write(rel, max_bytes):
@@ -174,8 +180,7 @@ def op_write(rel, max_bytes):
     data = sys.stdin.buffer.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise TooLarge(f"content is over the {max_bytes}-byte limit")
-    fd, name, stack, st = _lookup(rel, create_dirs=True)
-    try:
+    with _lookup(rel, create_dirs=True) as (fd, name, st):
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise Refused(f"is a directory: {rel}")
         mode = stat.S_IMODE(st.st_mode) if st is not None else 0o644
@@ -202,13 +207,10 @@ def op_write(rel, max_bytes):
             os.close(f)
         if tmp:
             os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-    finally:
-        _close(fd, stack)
 
 
 def op_list(rel, max_entries):
-    fd, name, stack, st = _lookup(rel)
-    try:
+    with _lookup(rel) as (fd, name, st):
         if st is None:
             raise NotFound(f"no such directory: {rel}")
         if not stat.S_ISDIR(st.st_mode):
@@ -228,23 +230,15 @@ def op_list(rel, max_entries):
             sys.stdout.write(json.dumps(entries))
         finally:
             os.close(d)
-    finally:
-        _close(fd, stack)
 
 
 def op_delete(rel, _limit):
-    fd, name, stack, st = _lookup(rel)
-    try:
-        if st is None:
-            raise NotFound(f"no such file: {rel}")
-        if stat.S_ISDIR(st.st_mode):
-            raise Refused(f"is a directory: {rel}")
+    with _lookup(rel) as (fd, name, st):
+        _refuse_missing_or_dir(st, rel)
         try:
             os.unlink(name, dir_fd=fd)  # removes a symlink itself, never its target
         except PermissionError:
             raise Refused(f"permission denied: cannot delete {rel}") from None
-    finally:
-        _close(fd, stack)
 
 
 def op_manifest(rel, max_entries):
@@ -252,9 +246,8 @@ def op_manifest(rel, max_entries):
     hashed total is capped too). Walks with directory fds and never follows a symlink."""
     import hashlib
 
-    fd, name, stack, st = _lookup(rel)
     entries, hashed = [], 0
-    try:
+    with _lookup(rel) as (fd, name, st):
         if st is None or not stat.S_ISDIR(st.st_mode):
             raise NotFound(f"no such directory: {rel}")
         top = _open_verified(name, fd, st, os.O_RDONLY | os.O_DIRECTORY)
@@ -283,8 +276,6 @@ def op_manifest(rel, max_entries):
                            "levels or more)") from None
         finally:
             os.close(top)
-    finally:
-        _close(fd, stack)
 
 
 MANIFEST_HASH_BYTES = 1024 * 1024

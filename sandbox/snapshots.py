@@ -19,14 +19,16 @@ import re
 import secrets
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import docker
 import docker.errors
+import requests.exceptions
 import structlog
 from pydantic import BaseModel
 
-from sandbox.engine import client, engine_errors, owner_labels
+from sandbox.engine import engine_errors, resolve_client
 from sandbox.errors import SandboxError, SnapshotMissing
 from sandbox.policy import SandboxPolicy
 from sandbox.sandbox import Sandbox
@@ -43,6 +45,9 @@ L_LINEAGE_DEPTH = "labrat.snapshot.lineage_depth"
 L_CREATED = "labrat.snapshot.created"
 USER_PREFIX = "labrat.meta."  # caller labels (experiment id, parent experiment, trainer hash, config, seed)
 DEFAULT_MAX_DEPTH = 48
+# A flatten copies the state directories as root into a container of the base image, whose directories
+# belong to the agent's user: root needs DAC_OVERRIDE to clear them. Only harness commands run there.
+FLATTEN_CAPS = ("DAC_OVERRIDE",)
 BUNDLE_FORMAT = "labrat-snapshot/2"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
@@ -90,10 +95,11 @@ class GcReport(BaseModel):
 class SnapshotStore:
     """Create, restore, query, export/import and garbage-collect snapshots on the engine."""
 
-    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH):
+    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH, *, client: docker.DockerClient | None = None):
         if not 1 <= max_depth <= 100:
             raise ValueError("max_depth must be between 1 and 100 (overlay2 mounts at most ~125 layers)")
         self.max_depth = max_depth
+        self.client = resolve_client(client)
 
     # -- create / restore --------------------------------------------------------------------------
 
@@ -145,8 +151,7 @@ class SnapshotStore:
         snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
         self._require_present(snap)
         policy = (policy or SandboxPolicy()).model_copy(update={"image": snap.image_id})
-        sandbox = Sandbox.start(policy, session=session, role=role)
-        return sandbox
+        return Sandbox.start(policy, session=session, role=role, client=self.client)
 
     def _commit(self, container, labels: dict[str, str], name: str):
         # The image config keeps the base's Env/Cmd/WorkingDir; Labels are replaced, so the container's
@@ -156,41 +161,39 @@ class SnapshotStore:
 
     def _flatten(self, sandbox: Sandbox, base_id: str, labels: dict[str, str], name: str):
         """Copy the sandbox's state directories into a fresh container of the base image and commit it there."""
-        policy = sandbox.policy
-        api = client().api
-        with engine_errors():
-            flat = client().containers.create(
-                base_id, command=["sleep", "infinity"], user="root", network_mode="none",
-                labels=owner_labels(sandbox.session, "flatten"), runtime="runc",
-            )
-            flat.start()
-        try:
-            for directory in policy.state_dirs:
+        state_dirs = sandbox.policy.state_dirs
+        # The sandbox's own limits, under runc (the daemon copies files in and out of it, not gVisor), with no
+        # GPU, data mount or environment: nothing runs there but the harness's `rm`, and the commit keeps the
+        # base image's Env.
+        policy = sandbox.policy.model_copy(update={
+            "image": base_id, "runtime": "runc", "gpus": None, "ro_mounts": {}, "env": {}, "read_only": False,
+            "cap_add": FLATTEN_CAPS,
+        })
+        api = self.client.api
+        with Sandbox.start(policy, session=sandbox.session, role="flatten", client=self.client) as flat:
+            # Cleared while the container is still empty, so its disk check never counts the copies below.
+            wipe = flat.exec(["/bin/rm", "-rf", "--one-file-system", *state_dirs], user="root", workdir="/")
+            if not wipe.ok:
+                raise SandboxError(f"flatten: could not clear {', '.join(state_dirs)} in the base container: "
+                                   f"{(wipe.stderr.strip().splitlines() or ['no output'])[-1]}")
+            for directory in state_dirs:
                 # get_archive streams the directory as the daemon sees it: symlinks stay links, never followed.
                 with engine_errors():
                     stream, _ = api.get_archive(sandbox.container.id, directory)
-                with tempfile.TemporaryFile() as archive:
-                    for chunk in stream:
-                        archive.write(chunk)
-                    archive.seek(0)
-                    wipe = api.exec_create(flat.id, ["/bin/rm", "-rf", "--one-file-system", directory], user="root")
-                    api.exec_start(wipe["Id"])
-                    if api.exec_inspect(wipe["Id"])["ExitCode"] != 0:
-                        raise SandboxError(f"flatten: could not clear {directory} in the base container")
-                    parent_dir = str(Path(directory).parent)
-                    if not api.put_archive(flat.id, parent_dir, archive):
-                        raise SandboxError(f"flatten: could not copy {directory} into the base container")
-            return self._commit(flat, labels, name)
-        finally:
-            with contextlib.suppress(Exception):
-                flat.remove(force=True)
+                    with tempfile.TemporaryFile() as archive:
+                        for chunk in stream:
+                            archive.write(chunk)
+                        archive.seek(0)
+                        if not api.put_archive(flat.container.id, str(Path(directory).parent), archive):
+                            raise SandboxError(f"flatten: could not copy {directory} into the base container")
+            return self._commit(flat.container, labels, name)
 
     # -- queries -----------------------------------------------------------------------------------
 
     def _find(self, name: str):
         with engine_errors():
             try:
-                return client().images.get(f"{REPOSITORY}:{name}")
+                return self.client.images.get(f"{REPOSITORY}:{name}")
             except docker.errors.ImageNotFound:
                 return None
 
@@ -201,7 +204,7 @@ class SnapshotStore:
         if image is None:
             with engine_errors():
                 try:
-                    image = client().images.get(ref)
+                    image = self.client.images.get(ref)
                 except docker.errors.ImageNotFound:
                     image = None
         if image is None or (image.labels or {}).get(L_SNAPSHOT) != "1":
@@ -213,9 +216,9 @@ class SnapshotStore:
         filters = [f"{L_SNAPSHOT}=1"] + [f"{USER_PREFIX}{k}={v}" for k, v in label_filters.items()]
         images = []
         with engine_errors():
-            for row in client().api.images(name=REPOSITORY, filters={"label": filters}):
+            for row in self.client.api.images(name=REPOSITORY, filters={"label": filters}):
                 with contextlib.suppress(docker.errors.ImageNotFound):  # removed since the listing (another gc)
-                    images.append(client().images.get(row["Id"]))
+                    images.append(self.client.images.get(row["Id"]))
         snaps = [Snapshot.from_image(image) for image in images]
         return sorted(snaps, key=lambda s: (s.created, s.name))
 
@@ -228,27 +231,34 @@ class SnapshotStore:
         snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
         return [s for s in self.list() if s.parent_id == snap.image_id]
 
+    def layer_counts(self) -> list[tuple[Snapshot, int]]:
+        """Every snapshot image on the engine (of any lab, tagged or not) with the number of layers overlay2
+        must stack to mount it."""
+        with engine_errors():
+            images = self.client.images.list(filters={"label": f"{L_SNAPSHOT}=1"})
+        return [(Snapshot.from_image(image), len(image.attrs["RootFS"]["Layers"])) for image in images]
+
     def _snapshot_image(self, ref: str) -> Snapshot | None:
         """The snapshot behind an image reference, or None for a plain (base) image."""
         with engine_errors(image=ref):
-            image = client().images.get(ref)
+            image = self.client.images.get(ref)
         if (image.labels or {}).get(L_SNAPSHOT) == "1":
             return Snapshot.from_image(image)
         return None
 
     def _image_id(self, ref: str) -> str:
         with engine_errors(image=ref):
-            return client().images.get(ref).id
+            return self.client.images.get(ref).id
 
     def _image_size(self, ref: str) -> int:
         """Bytes of the image with all the layers under it (the engine's `Size`)."""
         with engine_errors(image=ref):
-            return int(client().api.inspect_image(ref).get("Size") or 0)
+            return int(self.client.api.inspect_image(ref).get("Size") or 0)
 
     def _require_present(self, snap: Snapshot) -> None:
         with engine_errors():
             try:
-                client().images.get(snap.image_id)
+                self.client.images.get(snap.image_id)
             except docker.errors.ImageNotFound:
                 raise SnapshotMissing(f"snapshot {snap.name} is gone (garbage-collected?)") from None
 
@@ -265,7 +275,7 @@ class SnapshotStore:
         partial = path.with_name(path.name + ".partial")
         digest = hashlib.sha256()
         with engine_errors(), open(partial, "wb") as out:
-            for chunk in _save_images([f"{REPOSITORY}:{snap.name}" for snap in snaps]):
+            for chunk in _save_images(self.client, [f"{REPOSITORY}:{snap.name}" for snap in snaps]):
                 digest.update(chunk)
                 out.write(chunk)
         extra_json = json.dumps(extra or {}, sort_keys=True)
@@ -310,7 +320,7 @@ class SnapshotStore:
                     raise SandboxError(f"{path}: image checksum mismatch, the bundle was altered or truncated")
                 image_tar.seek(0)
                 with engine_errors():
-                    client().images.load(image_tar)
+                    self.client.images.load(image_tar)
         snaps = [self.get(entry["name"]) for entry in manifest["snapshots"]]
         for snap, entry in zip(snaps, manifest["snapshots"]):
             if snap.image_id != entry["image_id"]:  # image ids are content digests: this is the image exported
@@ -337,12 +347,12 @@ class SnapshotStore:
         doomed = [s for s in candidates if s.image_id not in keep_ids and s.name.startswith(name_prefix)]
         for snap in doomed:
             with engine_errors(), contextlib.suppress(docker.errors.ImageNotFound):
-                snap.layer_bytes = _top_layer_bytes(client().images.get(snap.image_id))
+                snap.layer_bytes = _top_layer_bytes(self.client.images.get(snap.image_id))
         if not dry_run:
             # Newest first: a child goes before its parent, so parents' layers are freed as soon as possible.
             for snap in sorted(doomed, key=lambda s: s.lineage_depth, reverse=True):
                 with engine_errors(), contextlib.suppress(docker.errors.ImageNotFound):
-                    client().images.remove(snap.ref, noprune=False)
+                    self.client.images.remove(snap.ref, noprune=False)
         # Each snapshot owns exactly its top layer; everything below is shared with its parent or the base.
         freed = sum(s.layer_bytes or 0 for s in doomed)
         report = GcReport(
@@ -353,14 +363,18 @@ class SnapshotStore:
         return report
 
 
-
-
-def _save_images(names: list[str]):
-    """`docker save` of several images in one tar (layers they share are stored once). docker-py's
-    get_image takes one name; the engine's /images/get takes many, so this calls it the same way."""
-    api = client().api
-    response = api._get(api._url("/images/get"), params={"names": names}, stream=True)
-    return api._stream_raw_result(response, 2 * 1024 * 1024, False)
+def _save_images(client: docker.DockerClient, names: list[str]) -> Iterator[bytes]:
+    """`docker save` of several images in one tar (layers they share are stored once). docker-py saves one
+    image per call (its multi-image save was never merged: docker/docker-py#2490), so this asks the engine's
+    /images/get for all of them through the client's public requests session, as docker-py would."""
+    api = client.api
+    response = api.get(f"{api.base_url}/v{api.api_version}/images/get", params={"names": names}, stream=True,
+                       timeout=api.timeout)
+    try:
+        response.raise_for_status()
+    except requests.exceptions.HTTPError as exc:
+        raise docker.errors.create_api_error_from_http_exception(exc) from exc
+    return response.iter_content(2 * 1024 * 1024)
 
 
 def _chain(snap: Snapshot, by_id: dict[str, Snapshot]) -> list[Snapshot]:

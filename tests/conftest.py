@@ -1,18 +1,33 @@
 """Shared fixtures: the real Docker engine, the real sandbox image, sandboxes under runc and gVisor."""
 
+import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 from harness import logs
+from harness.image import build_image
 from sandbox.engine import LABEL_OWNER_PID, client, require_runtime
 from sandbox.errors import SandboxError
-from sandbox.images import build_image
 from sandbox.policy import SandboxPolicy
-from sandbox.sandbox import Sandbox
+from sandbox.sandbox import Sandbox, wait_for_removals
 from sandbox.snapshots import SnapshotStore
 
 SESSION = f"pytest{os.getpid()}"
+LABRAT = str(Path(sys.executable).parent / "labrat")
+# Deterministic and tiny: a run ends after its steps (the time budget is only the host's limit), and the
+# same configuration scores the same on every run.
+TINY_LAB = dict(deterministic_steps=3, time_budget=60, eval_tokens=1024)
+
+
+def make_lab(path: Path, **settings) -> Path:
+    """A lab directory whose labrat.toml holds TINY_LAB with `settings` over it (None leaves a key out)."""
+    path.mkdir(parents=True, exist_ok=True)
+    values = {k: v for k, v in {**TINY_LAB, **settings}.items() if v is not None}
+    (path / "labrat.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
 logs.configure(level="warning", json=True)
 
 
@@ -27,7 +42,7 @@ def _runsc_skip_reason() -> str | None:
 @pytest.fixture(scope="session")
 def image() -> str:
     """The CPU sandbox image (built once if missing; `make test` has already built it)."""
-    return build_image(progress=lambda line: None)
+    return build_image(on_step=lambda line: None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,8 +56,10 @@ def warm_page_cache(image):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_containers_left_behind():
-    """After the whole suite, no container started by this test process may remain."""
+    """After the whole suite, no container started by this test process may remain (once the removals
+    still running on the sandbox's background threads have finished)."""
     yield
+    wait_for_removals()
     leftovers = client().containers.list(all=True, filters={"label": f"{LABEL_OWNER_PID}={os.getpid()}"},
                                         ignore_removed=True)
     names = [c.name for c in leftovers]

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import evaluate as ev
-from trainer import prepare
+from trainer import contract, prepare
 
 MODELS = Path(__file__).parent / "models"
 SEED = 1337  # prepare()'s default source, the one the design doc's reference numbers are for
@@ -215,4 +214,4 @@ def test_the_bayes_model_file_is_the_filter(source, tmp_path):
 def _load(path: Path, checkpoint: dict) -> torch.nn.Module:
     """The model of a checkpoint (model source, config, no weights), rebuilt as the evaluator's worker does."""
     torch.save(checkpoint, path)
-    return ev.load_model(path)
+    return contract.load_model(path)

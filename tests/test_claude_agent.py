@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,14 +25,13 @@ from harness.agents.claude import ClaudeAgent, usage_cost
 from harness.config import ConfigError, load_config
 from harness.lab import LEDGER_FILE, read_program
 from harness.ledger import Ledger
-from harness.session import Session, run_agent
+from harness.run import LabRun
 from harness.tools import TOOLS
 from sandbox.engine import LABEL_OWNER_PID, LABEL_ROLE, LABEL_SESSION, client, owner_labels
 from sandbox.snapshots import SnapshotStore
-from tests.conftest import SESSION
+from tests.conftest import LABRAT, SESSION, make_lab
 from tests.fake_anthropic import drop, end_turn, error, fake_anthropic, reply, tool  # noqa: F401 (fixture)
 
-LABRAT = str(Path(sys.executable).parent / "labrat")
 EDITOR = "str_replace_based_edit_tool"
 TRAIN = "trainer/train.py"
 CACHE = {"type": "ephemeral"}
@@ -43,11 +41,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:Depre
 
 # -- helpers ---------------------------------------------------------------------------------------
 def write_config(lab: Path, **settings) -> None:
-    # Deterministic steps: these tests drive the agent's plumbing, not the budget; a run ends after its
-    # steps, and the time budget is only the host's limit (a 10 s all-in budget timed out on a loaded runner).
-    values = {**dict(agent="claude", model="claude-sonnet-4-5", deterministic_steps=3, time_budget=60,
-                     eval_tokens=4096, max_experiments=1), **settings}
-    (lab / "labrat.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    # Deterministic steps: these tests drive the agent's plumbing, not the budget (a 10 s all-in budget
+    # timed out on a loaded runner).
+    make_lab(lab, **{**dict(agent="claude", model="claude-sonnet-4-5", eval_tokens=4096, max_experiments=1), **settings})
 
 
 @pytest.fixture
@@ -75,13 +71,12 @@ class Outcome:
 
 
 def run_session(lab: Path) -> Outcome:
-    """One `labrat run` in this process: the same Session + Toolbox + agent wiring as harness/cli.py."""
+    """One `labrat run` in this process: the same LabRun + agent wiring as harness/cli.py."""
     config = load_config(lab)
     agent = ClaudeAgent(config, read_program(lab))
-    session = Session(lab, config, agent=config.agent, model=agent.model)
-    session.__enter__()
-    failure = run_agent(session, agent)
-    return Outcome(session.stop, failure, session.session_id, session.lab_id, session.resumed)
+    run = LabRun(lab, config, agent=config.agent, model=agent.model).__enter__()
+    failure = run.run_agent(agent)
+    return Outcome(run.session.stop, failure, run.session_id, run.lab_id, run.session.resumed)
 
 
 def ledger_of(lab: Path) -> Ledger:

@@ -5,7 +5,6 @@ import re
 import secrets
 import socket
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,22 +12,13 @@ import docker.errors
 import pytest
 
 from harness.config import LabConfig
-from harness.doctor import (
-    Level,
-    check_containers,
-    check_daemon_config,
-    check_gpu,
-    check_hardening,
-    check_lab_disk,
-    check_layers,
-    check_socket_mode,
-    container_risks,
-)
+from harness.doctor import check_gpu, check_hardening, check_lab_disk, check_layers
+from harness.engine_audit import check_containers, check_daemon_config, check_socket_mode, container_risks
+from harness.findings import Level
 from sandbox.engine import client, owner_labels
 from sandbox.policy import SandboxPolicy
-from tests.conftest import SESSION, _runsc_skip_reason
+from tests.conftest import LABRAT, SESSION, _runsc_skip_reason
 
-LABRAT = str(Path(sys.executable).parent / "labrat")
 LINE = re.compile(r"^(ok|info|warn|error) +[a-z]+: \S")
 
 

@@ -15,9 +15,8 @@ from sandbox.engine import client, engine_errors, require_runtime
 from sandbox.errors import EngineUnavailable, ImageMissing, RuntimeUnavailable
 from sandbox.policy import SandboxPolicy
 from sandbox.sandbox import Sandbox
-from tests.conftest import SESSION
+from tests.conftest import LABRAT, SESSION
 
-LABRAT = str(Path(sys.executable).parent / "labrat")
 
 
 @pytest.fixture

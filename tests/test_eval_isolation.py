@@ -1,4 +1,4 @@
-"""The held-out data never enter a container: the evaluation's workers, run by the harness's own Runner
+"""The held-out data never enter a container: the evaluation's workers, run by the harness.s own LocalExecutor
 in their real containers, hunt their file systems for it and find nothing to use.
 
 Where the file can be read (the same model bare, in tests/test_evaluator.py), a causal model that reads
@@ -11,7 +11,7 @@ import torch
 
 from harness.config import LabConfig
 from harness.data import ensure_data
-from harness.runner import Runner, TrainingResult
+from harness.runner import LocalExecutor, TrainingResult
 from sandbox.snapshots import SnapshotStore
 from tests.conftest import SESSION
 from trainer import evaluate as ev
@@ -21,7 +21,7 @@ MODELS = Path(__file__).parent / "models"
 
 def test_the_evaluation_workers_hold_no_held_out_data(image, tmp_path):
     config = LabConfig(eval_tokens=4096)
-    runner = Runner(config, image, ensure_data(tmp_path / "lab", config), SnapshotStore(), SESSION)
+    runner = LocalExecutor(config, image, ensure_data(tmp_path / "lab", config), SnapshotStore(), SESSION)
     ckpt = tmp_path / "hunter.pt"
     torch.save({"source": (MODELS / "hunter.py").read_text(), "source_name": "hunter.py", "config": {},
                 "model": {"anchor": torch.zeros(())}}, ckpt)

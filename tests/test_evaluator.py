@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.legacy import evaluate_v1 as legacy
+from trainer import contract, prepare
 from trainer import evaluate as ev
-from trainer import prepare
 from trainer import train as tr
 
 ROOT = Path(__file__).parent.parent
@@ -37,7 +37,7 @@ def val(data) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def attainable(data) -> tuple[float, float]:
-    return ev.attainable_for(prepare.load_meta(data), ev.EVAL_SEQ_LEN)
+    return ev.attainable_for(prepare.load_meta(data), contract.EVAL_SEQ_LEN)
 
 
 def checkpoint(tmp_path: Path, model: str, config: dict | None = None) -> Path:

@@ -3,8 +3,9 @@
 import pytest
 
 from sandbox.errors import FileMissing, FileTooLarge, PathRefused
+from sandbox.files import workspace_relpath
 from sandbox.policy import SandboxPolicy
-from sandbox.sandbox import Sandbox, workspace_relpath
+from sandbox.sandbox import Sandbox
 from tests.conftest import SESSION
 
 
@@ -115,12 +116,13 @@ def test_size_limits(image, runtime):
 def test_the_training_core_is_read_only_but_train_py(box):
     box.write_file("trainer/train.py", "# edited by the agent\n")
     assert box.read_file("trainer/train.py") == b"# edited by the agent\n"
-    for protected in ("trainer/prepare.py", "trainer/evaluate.py", "trainer/new_module.py"):
+    for protected in ("trainer/contract.py", "trainer/prepare.py", "trainer/evaluate.py", "trainer/new_module.py"):
         with pytest.raises(PathRefused, match="permission denied"):
             box.write_file(protected, "tampered")
-    result = box.exec("rm -f trainer/prepare.py; echo x >> trainer/evaluate.py; mv trainer/train.py trainer/t.py")
+    result = box.exec("rm -f trainer/prepare.py; echo x >> trainer/contract.py; mv trainer/train.py trainer/t.py")
     assert result.exit_code != 0
-    assert box.exec("ls trainer").stdout.split() == ["__init__.py", "evaluate.py", "prepare.py", "train.py"]
+    assert box.exec("ls trainer").stdout.split() == ["__init__.py", "contract.py", "evaluate.py", "prepare.py",
+                                                     "train.py"]
 
 
 def test_listing_a_large_directory_is_complete_json(runc_box):

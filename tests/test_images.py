@@ -1,9 +1,12 @@
 """Image building: idempotent, offline, and Dockerfile.gpu checked on the local base (no CUDA image here)."""
 
+import tarfile
+
 import pytest
 
+from harness.image import BASE_IMAGE, build_image, debian_mirror
 from sandbox.engine import client
-from sandbox.images import BASE_IMAGE, build_image, debian_mirror
+from sandbox.images import ContextFile, build_dockerfile, import_rootfs, inspect_image
 from sandbox.policy import SandboxPolicy
 from sandbox.sandbox import Sandbox
 from tests.conftest import SESSION
@@ -12,7 +15,7 @@ from tests.conftest import SESSION
 def test_build_is_a_no_op_when_nothing_changed(image):
     before = client().images.get(image).id
     lines = []
-    assert build_image(progress=lines.append) == image
+    assert build_image(on_step=lines.append) == image
     assert client().images.get(image).id == before
     assert any("up to date" in line for line in lines)
 
@@ -36,7 +39,7 @@ def test_cpu_image_contents(image):
 def test_gpu_dockerfile_builds_on_the_local_base():
     tag = f"labrat-sandbox:gpu-check-{SESSION}"
     try:
-        assert build_image(gpu=True, base=BASE_IMAGE, tag=tag, progress=lambda line: None) == tag
+        assert build_image(gpu=True, base=BASE_IMAGE, tag=tag, on_step=lambda line: None) == tag
         with Sandbox.start(SandboxPolicy(image=tag), session=SESSION) as box:
             result = box.exec("python -c 'import torch; print(torch.__version__)'; id -un; echo $NVIDIA_VISIBLE_DEVICES")
             assert result.stdout.split() == ["2.13.0+cpu", "agent", "all"]
@@ -47,3 +50,36 @@ def test_gpu_dockerfile_builds_on_the_local_base():
 def test_debian_mirror_comes_from_apt_sources():
     mirror = debian_mirror()
     assert mirror.startswith(("http://", "https://", "file:/")) and "security" not in mirror
+
+
+def test_builder_skips_an_identical_context_and_rebuilds_a_changed_one(image, tmp_path):
+    (tmp_path / "Dockerfile").write_text(f"FROM {image}\nCOPY note.txt /note.txt\n")
+    note = tmp_path / "note.txt"
+    note.write_text("one")
+    context = [ContextFile("Dockerfile", tmp_path / "Dockerfile"), ContextFile("note.txt", note)]
+    tag = f"labrat-build-check:{SESSION}"
+    lines = []
+    try:
+        assert build_dockerfile(tag, context, base=image, on_step=lines.append) == tag
+        first = inspect_image(tag)["Id"]
+        assert build_dockerfile(tag, context, base=image, on_step=lines.append) == tag
+        assert inspect_image(tag)["Id"] == first and "up to date" in lines[-1]
+        note.write_text("two")
+        build_dockerfile(tag, context, base=image, on_step=lines.append)
+        assert inspect_image(tag)["Id"] != first
+    finally:
+        client().images.remove(tag, force=True)
+
+
+def test_rootfs_tarball_imports_as_an_image(tmp_path):
+    (tmp_path / "hello").write_text("hi")
+    rootfs = tmp_path / "rootfs.tar"
+    with tarfile.open(rootfs, "w") as tar:
+        tar.add(tmp_path / "hello", arcname="hello")
+    name = f"labrat-import-check:{SESSION}"
+    assert inspect_image(name) is None
+    try:
+        assert import_rootfs(rootfs, name) == name
+        assert inspect_image(name)["RootFS"]["Layers"]
+    finally:
+        client().images.remove(name, force=True)

@@ -99,3 +99,28 @@ def test_a_version_1_ledger_is_upgraded_in_place(tmp_path):
     assert ledger.finish_experiment(b, "keep", metric=1.2, sources_json="{}").metric == 1.2
     assert ledger.session("old").base_experiment_id == b  # a keep moves the base in the same transaction
     ledger.close()
+
+
+def test_sources_lineage_and_the_running_experiment(tmp_path):
+    """The named queries: 0 is the lab's starting point (its first session's), an experiment that recorded no
+    sources has its own session's, lineage runs oldest first, and the ledger closes as a context manager."""
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        ledger.start_session("s1", agent="offline", model=None, config={})
+        ledger.set_root_sources("s1", {"train.py": "shipped\n"})
+        a = ledger.begin_experiment("s1", None, "baseline")
+        ledger.finish_experiment(a, "keep", metric=1.0, sources_json='{"train.py": "a\\n"}')
+        ledger.start_session("s2", agent="offline", model=None, config={}, base_experiment_id=a)
+        ledger.set_root_sources("s2", {"train.py": "a\n"})
+        b = ledger.begin_experiment("s2", a, "crashed before its sources were read")
+        assert ledger.running_experiment_id("s2") == b and ledger.running_experiment_id("s1") is None
+        ledger.finish_experiment(b, "crash")
+        c = ledger.begin_experiment("s2", b, "c")
+        ledger.finish_experiment(c, "discard", metric=1.1, sources_json='{"train.py": "c\\n"}')
+        assert ledger.sources(0) == {"train.py": "shipped\n"}
+        assert ledger.sources(b) == {"train.py": "a\n"}  # s2's starting point, not s1's
+        assert ledger.sources(c) == {"train.py": "c\n"}
+        assert [e.id for e in ledger.lineage(c)] == [a, b, c]
+        with pytest.raises(KeyError):
+            ledger.sources(99)
+    with pytest.raises(Exception, match="closed"):
+        ledger.experiments()

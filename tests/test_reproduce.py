@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from xml.etree import ElementTree
@@ -13,14 +12,8 @@ import pytest
 from harness.ledger import Ledger
 from sandbox.engine import client
 from sandbox.snapshots import SnapshotStore
+from tests.conftest import LABRAT, make_lab
 
-LABRAT = str(Path(sys.executable).parent / "labrat")
-LAB = """
-deterministic_steps = 10
-time_budget = 60  # deterministic steps end on their own: only the host's limit
-eval_tokens = 2048
-max_experiments = 20
-"""
 
 
 def labrat(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -30,9 +23,8 @@ def labrat(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    lab = tmp_path_factory.mktemp("repro") / "lab"
-    lab.mkdir()
-    (lab / "labrat.toml").write_text(LAB)
+    lab = make_lab(tmp_path_factory.mktemp("repro") / "lab", deterministic_steps=10, eval_tokens=2048,
+                   max_experiments=20)
     run = labrat("run", "--lab", str(lab), timeout=1800)
     assert run.returncode == 0, run.stderr[-2000:]
     yield lab

@@ -5,7 +5,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,23 +13,7 @@ import pytest
 from harness.ledger import Ledger
 from sandbox.engine import LABEL_OWNER_PID, client, reap_orphans
 from sandbox.snapshots import SnapshotStore
-
-LABRAT = str(Path(sys.executable).parent / "labrat")
-# Deterministic steps: every configuration's metric is bit-identical on every run, so the offline
-# agent's seeded search takes the same path each time and the keep/discard outcomes are reproducible.
-TINY_LAB = """
-deterministic_steps = 30
-time_budget = 60  # deterministic steps end on their own: only the host's limit
-eval_tokens = 4096
-max_experiments = {n}
-"""
-
-
-def make_lab(path: Path, n: int) -> Path:
-    path.mkdir()
-    (path / "labrat.toml").write_text(TINY_LAB.format(n=n))
-    return path
-
+from tests.conftest import LABRAT, make_lab
 
 def labrat(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([LABRAT, *args], capture_output=True, text=True, timeout=timeout,
@@ -57,7 +40,7 @@ def containers_of(pid: int) -> list[dict]:
 
 
 def test_offline_session_keeps_and_discards(tmp_path, cleanup_snapshots):
-    lab = make_lab(tmp_path / "lab", n=5)
+    lab = make_lab(tmp_path / "lab", deterministic_steps=30, eval_tokens=4096, max_experiments=5)
     cleanup_snapshots.append(lab)
     run = labrat("run", "--lab", str(lab))
     assert run.returncode == 0, run.stderr[-2000:]
@@ -118,7 +101,7 @@ def _wait_for(predicate, timeout: float, what: str):
 
 
 def test_resume_after_the_harness_is_killed_mid_training(tmp_path, cleanup_snapshots):
-    lab = make_lab(tmp_path / "lab", n=3)
+    lab = make_lab(tmp_path / "lab", deterministic_steps=30, eval_tokens=4096, max_experiments=3)
     cleanup_snapshots.append(lab)
     proc = subprocess.Popen([LABRAT, "run", "--lab", str(lab)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "LABRAT_LOG_LEVEL": "warning"})
@@ -169,7 +152,7 @@ def test_a_second_run_in_the_same_lab_is_refused(tmp_path):
 
     import fcntl
 
-    lab = make_lab(tmp_path / "lab", n=1)
+    lab = make_lab(tmp_path / "lab", deterministic_steps=30, eval_tokens=4096, max_experiments=1)
     with open(lab / LOCK_FILE, "w") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
         holder.write("12345")
@@ -180,7 +163,7 @@ def test_a_second_run_in_the_same_lab_is_refused(tmp_path):
 
 
 def test_bad_command_line_value_names_the_option(tmp_path):
-    lab = make_lab(tmp_path / "lab", n=1)
+    lab = make_lab(tmp_path / "lab", deterministic_steps=30, eval_tokens=4096, max_experiments=1)
     bad = labrat("run", "--lab", str(lab), "--budget", "-3", timeout=120)
     assert bad.returncode == 2 and "--time-budget" in bad.stderr and "greater than 0" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -191,16 +174,15 @@ def test_a_session_under_gvisor(tmp_path, runtime, cleanup_snapshots):
     """Training, the read-only data mount and the root/agent evaluation split all work under runsc."""
     from harness.agents.offline import OfflineAgent
     from harness.config import LabConfig
-    from harness.session import Session
-    from harness.tools import Toolbox
+    from harness.run import LabRun
 
     lab = tmp_path / "lab"
     cleanup_snapshots.append(lab)
     config = LabConfig(time_budget=20, eval_tokens=4096, max_experiments=1, runtime=runtime)  # gVisor starts slower
-    with Session(lab, config, agent="offline") as session:
-        assert client().api.inspect_container(session.box.container.id)["HostConfig"]["Runtime"] == "runsc"
-        assert session.box.exec("cat /data/train.bin | wc -c").stdout.strip() == str(session.data.meta["train_tokens"])
-        OfflineAgent(config).run(Toolbox(session))
-        [baseline] = session.session_experiments()
-    assert baseline.status == "keep" and baseline.metric > session.data.floor_bpb
+    with LabRun(lab, config, agent="offline") as run:
+        assert client().api.inspect_container(run.box.container.id)["HostConfig"]["Runtime"] == "runsc"
+        assert run.box.exec("cat /data/train.bin | wc -c").stdout.strip() == str(run.data.meta["train_tokens"])
+        OfflineAgent(config).run(run.toolbox, run.view)
+        [baseline] = run.session.session_experiments()
+    assert baseline.status == "keep" and baseline.metric > run.data.floor_bpb
     assert json.loads(baseline.eval_json)["causal"]

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from harness.config import LabConfig
-from harness.session import Session
-from harness.tools import MODEL_OUTPUT_CHARS, Toolbox, tool_specs
+from harness.run import LabRun
+from harness.tools import MODEL_OUTPUT_CHARS, tool_specs
 from sandbox.snapshots import SnapshotStore
 
 EDIT = "str_replace_based_edit_tool"
@@ -16,9 +16,9 @@ EDIT = "str_replace_based_edit_tool"
 def toolbox(tmp_path_factory):
     lab = tmp_path_factory.mktemp("lab")
     config = LabConfig(time_budget=10, eval_tokens=4096, max_experiments=1, max_tool_calls=500)
-    with Session(lab, config, agent="test") as session:
-        yield Toolbox(session)
-    SnapshotStore().gc(keep=[], name_prefix=session.lab_id)
+    with LabRun(lab, config, agent="test") as run:
+        yield run.toolbox
+    SnapshotStore().gc(keep=[], name_prefix=run.lab_id)
 
 
 def call(toolbox, name, **tool_input):
@@ -43,7 +43,7 @@ def test_editor_view_create_replace_insert_undo(toolbox):
     replaced = call(toolbox, EDIT, command="str_replace", path="/workspace/notes/plan.md", old_str="b", new_str="B")
     assert not replaced.is_error and "B" in replaced.text
     assert not call(toolbox, EDIT, command="insert", path="notes/plan.md", insert_line=0, new_str="top").is_error
-    assert toolbox.session.box.read_text("notes/plan.md") == "top\na\nB\nc\n"
+    assert toolbox.workbench.box.read_text("notes/plan.md") == "top\na\nB\nc\n"
 
     missing = call(toolbox, EDIT, command="str_replace", path="notes/plan.md", old_str="zzz", new_str="y")
     assert missing.is_error and "did not appear verbatim" in missing.text
@@ -52,7 +52,7 @@ def test_editor_view_create_replace_insert_undo(toolbox):
     assert twice.is_error and "occurs 2 times (lines [1, 2])" in twice.text
 
     assert not call(toolbox, EDIT, command="undo_edit", path="notes/plan.md").is_error  # the insert
-    assert toolbox.session.box.read_text("notes/plan.md") == "a\nB\nc\n"
+    assert toolbox.workbench.box.read_text("notes/plan.md") == "a\nB\nc\n"
     call(toolbox, EDIT, command="undo_edit", path="notes/plan.md")  # the replace
     undone = call(toolbox, EDIT, command="undo_edit", path="notes/plan.md")  # the create: the file goes
     assert "removed" in undone.text
@@ -136,3 +136,14 @@ def test_the_tool_call_budget_forces_an_experiment_then_stops_the_session(toolbo
         assert "without running an experiment" in session.stop_reason()
     finally:
         session.config, session.stop, session.calls_since_experiment = saved, None, 0
+
+
+def test_the_undo_history_ends_with_the_container_it_was_made_in(toolbox):
+    """After a restore (the container died, or its engine restarted) the workspace is the base again: an undo
+    of an edit made before it must not write that edit's earlier content into the new container."""
+    call(toolbox, EDIT, command="create", path="notes/undo.md", file_text="one\n")
+    call(toolbox, EDIT, command="str_replace", path="notes/undo.md", old_str="one", new_str="two")
+    toolbox.workbench.restore()
+    undo = call(toolbox, EDIT, command="undo_edit", path="notes/undo.md")
+    assert undo.is_error and undo.text.startswith("no edit of notes/undo.md to undo"), undo.text
+    assert call(toolbox, "bash", command="test -e notes/undo.md; echo $?").text.startswith("1")

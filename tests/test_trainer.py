@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from trainer import contract, prepare
 from trainer import evaluate as ev
-from trainer import prepare
 from trainer import train as tr
 
 ROOT = Path(__file__).parent.parent
 MODELS = Path(__file__).parent / "models"
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "seq_len": 16, "mlp_ratio": 2}  # train.py's model, small
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_evaluation_is_exact_on_the_true_distribution(data, tmp_path):
     seq_len, n_tokens = 4096, 65_536
     result = ev.evaluate(ckpt, val, eval_tokens=n_tokens, seq_len=seq_len, batch_tokens=2 * seq_len)
     # Direct: run the same oracle in-process on the same rows (disjoint windows of seq_len + 1), in float64.
-    oracle = ev.load_model(ckpt)
+    oracle = contract.load_model(ckpt)
     windows = n_tokens // seq_len
     rows = np.asarray(val[: windows * (seq_len + 1)], dtype=np.int64).reshape(windows, seq_len + 1)
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
@@ -107,13 +108,59 @@ def test_deterministic_mode_is_bit_identical(data, tmp_path):
 
 
 def test_the_model_is_causal_by_construction():
-    model = tr.build_model({"n_layer": 2, "n_head": 2, "n_embd": 32, "seq_len": 16, "mlp_ratio": 2}).eval()
+    model = tr.build_model(dict(TINY)).eval()
     x = torch.randint(0, 256, (2, 16))
     y = x.clone()
     y[:, 9:] = torch.randint(0, 256, (2, 7))
     with torch.no_grad():
         assert torch.equal(model(x)[:, :9], model(y)[:, :9])
         assert not torch.equal(model(x)[:, 9:], model(y)[:, 9:])
+
+
+# ---- the contract between train.py and the evaluator ---------------------------------------------
+def test_a_checkpoint_saved_by_the_contract_loads_as_the_same_model(tmp_path):
+    model = tr.build_model(dict(TINY)).eval()
+    path = contract.save_checkpoint(tmp_path / "out", model, dict(TINY), source_file=ROOT / "trainer" / "train.py")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt"]
+    state = torch.load(path, weights_only=True)
+    assert set(state) == {"source", "source_name", "config", "model"} and state["source_name"] == "train.py"
+    x = torch.randint(0, contract.VOCAB_SIZE, (2, contract.EVAL_SEQ_LENS["gpu"]))  # longer than it trained at
+    with torch.no_grad():
+        assert torch.equal(contract.load_model(path)(x), model(x))
+
+
+class Unsaveable:
+    def __reduce__(self):
+        raise RuntimeError("cannot be saved")
+
+
+def test_a_save_that_fails_leaves_no_checkpoint(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot be saved"):  # after torch.save has created its file
+        contract.save_checkpoint(tmp_path, tr.build_model(dict(TINY)), {"config": Unsaveable()},
+                                 source_file=ROOT / "trainer" / "train.py")
+    assert not (tmp_path / contract.CHECKPOINT_FILE).exists()
+
+
+def test_the_checkpoints_source_runs_as_an_ordinary_module(tmp_path):
+    """nanoGPT's style, a dataclass config under `from __future__ import annotations`, needs the module to be
+    registered by name, as an import would; a source without the entry point says so."""
+    source = tmp_path / "dataclass_train.py"
+    source.write_text("from __future__ import annotations\nfrom dataclasses import dataclass\nimport torch\n\n"
+                      "@dataclass\nclass Config:\n    width: int = 3\n\n"
+                      "def build_model(config):\n    return torch.nn.Linear(Config(**config).width, 1)\n")
+    path = _checkpoint(tmp_path / "dc.pt", source, {"width": 5}, torch.nn.Linear(5, 1).state_dict())
+    assert contract.load_model(path).in_features == 5
+    (tmp_path / "no_entry.py").write_text("import torch\n")
+    with pytest.raises(TypeError, match="no_entry.py defines no build_model"):
+        contract.load_model(_checkpoint(tmp_path / "none.pt", tmp_path / "no_entry.py", {}))
+
+
+def test_the_host_side_imports_no_torch():
+    """The evaluation driver and what the harness imports from trainer/ run in the harness's process: numpy only."""
+    probe = ("import sys, harness.runner, trainer.contract, trainer.evaluate, trainer.prepare\n"
+             "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
 
 # ---- bad data: one clear error naming the file --------------------------------------------------

@@ -3,8 +3,9 @@
     python -m trainer.evaluate --checkpoint out/ckpt.pt --data data/ --out result.json
 
 The *driver* (`evaluate`) holds the validation tokens and computes the metric; it never imports or
-unpickles anything the agent wrote. Two *workers* run the agent's model and only ever receive input
-batches, to which they answer with logits. In labrat the driver runs in the harness's own process
+unpickles anything the agent wrote. Two *workers* run the agent's model (rebuilt from the checkpoint by
+trainer/contract.py, which also says what the model must do) and only ever receive input batches, to
+which they answer with logits. In labrat the driver runs in the harness's own process
 and each worker in a fresh container of the sandbox image (no held-out data there); run bare, the
 workers are two subprocesses. The model is assumed hostile: it may keep state between calls, know
 this file, return any finite numbers, time its answers, and inspect its environment.
@@ -43,24 +44,22 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from trainer.contract import CHECKPOINT_LIMIT, EVAL_SEQ_LEN, VOCAB_SIZE, load_model
+
 # ---- knobs -------------------------------------------------------------------------------------
 EVAL_TOKENS = 131_072  # validation tokens scored (a fixed number, so runs are comparable)
-EVAL_SEQ_LEN = 128  # context of each scored window; the harness passes the lab's (2048 for the gpu config)
 BATCH_TOKENS = 8192  # tokens per forward call: rows per batch = BATCH_TOKENS // seq_len
-VOCAB = 256  # byte tokens
 WHOLE_ROW_PROBES = 0.25  # fraction of judged rows compared at every position (cut = seq_len)
 CAUSALITY_TOLERANCE = 1e-3  # max |Δ log-prob of a true target| (float32 CPU differs by ~1e-6 across batchings)
 FLOOR_MARGIN_SE = 4.0  # refuse val_bpb < attainable - 4 standard errors (an honest model: ~3e-5 chance)
 POOL_MIN_TOKENS = 4096  # unscored held-out tokens kept aside to fill the judge's rows after their cuts
 ANSWER_TIMEOUT = 300.0  # seconds a worker may take to load the model or answer one batch
-CHECKPOINT_LIMIT = 2 * 1024**3  # bytes; the sandbox's per-file limit (RLIMIT_FSIZE) is the same
 CHUNK = 1 << 20
 STDERR_TAIL_BYTES = 8192
 MESSAGE_LIMIT = 4096  # bytes of a worker's error message
@@ -100,18 +99,6 @@ class Checkpoint:
 
 
 # ---- worker: runs the agent's model, sees only inputs ------------------------------------------
-def load_model(checkpoint: Path, device: str = "cpu"):
-    """Rebuild the model from a checkpoint: the training script's source, its config, and the weights."""
-    import torch  # only workers need torch: the driver, in the harness's process, computes with numpy
-
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
-    module = types.ModuleType("labrat_model")
-    exec(compile(state["source"], state.get("source_name", "train.py"), "exec"), module.__dict__)
-    model = module.build_model(state["config"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
-
-
 def _read_message(stream) -> tuple[bytes, bytes] | None:
     header = stream.read(_HEADER.size)
     if len(header) < _HEADER.size:
@@ -173,8 +160,9 @@ def worker(scratch: Path) -> int:
                 return fail(f"the model's forward pass raised {type(exc).__name__}: {exc}")
             if not isinstance(logits, torch.Tensor):
                 return fail(f"the model returned {type(logits).__name__}, expected a tensor of logits")
-            if tuple(logits.shape) != (rows, cols, VOCAB):
-                return fail(f"the model returned logits of shape {tuple(logits.shape)}, expected {(rows, cols, VOCAB)}")
+            if tuple(logits.shape) != (rows, cols, VOCAB_SIZE):
+                return fail(f"the model returned logits of shape {tuple(logits.shape)}, "
+                            f"expected {(rows, cols, VOCAB_SIZE)}")
             if not logits.is_floating_point():
                 return fail(f"the model returned {logits.dtype} logits, expected a floating-point tensor")
             data = logits.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes()
@@ -314,7 +302,8 @@ class _Worker:
         """log p(target) at each position of `batch` (rows, cols), normalised here from the worker's logits."""
         rows, cols = batch.shape
         self.send(BATCH, struct.pack("<II", rows, cols) + np.ascontiguousarray(batch, dtype=np.uint8).tobytes())
-        logits = np.frombuffer(self.receive(LOGITS, rows * cols * VOCAB * 4, what), dtype="<f4").reshape(rows, cols, VOCAB)
+        answer = self.receive(LOGITS, rows * cols * VOCAB_SIZE * 4, what)
+        logits = np.frombuffer(answer, dtype="<f4").reshape(rows, cols, VOCAB_SIZE)
         if not np.isfinite(logits).all():
             raise EvaluationError("model rejected: it returned non-finite logits (NaN or inf)")
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is the model's, and is refused below

@@ -36,8 +36,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from trainer.contract import EVAL_SEQ_LENS, VOCAB_SIZE
+
 # ---- knobs -------------------------------------------------------------------------------------
-VOCAB_SIZE = 256  # byte-level tokenizer: token id == byte value
 SYNTH_WORDS = 384  # distinct words in the synthetic vocabulary
 SYNTH_SUCCESSORS = 6  # likely successors per word (the learnable structure)
 SYNTH_BACKGROUND = 0.08  # probability mass spread over all words (keeps the chain ergodic)
@@ -51,7 +52,7 @@ DOWNLOAD_CHUNK = 1 << 20
 TRAIN_DEADLINE_ENV = "LABRAT_DEADLINE"  # unix time (host clock) by which a training run must have exited
 SPACE = 32  # the byte that ends every synthetic word
 EPSILON = 1e-12  # floor on a byte's probability (as tests/models/oracle.py): impossible bytes stay finite in log space
-ATTAINABLE_SEQ_LENS = (128, 2048)  # the evaluation's context lengths (cpu and gpu configs) meta.json reports floors for
+ATTAINABLE_SEQ_LENS = tuple(EVAL_SEQ_LENS.values())  # meta.json reports the floor at each evaluation context length
 ATTAINABLE_WINDOWS = 4096  # Monte-Carlo windows (any length costs the same, see attainable_bpb): ~0.3 s each
 ATTAINABLE_SPREAD = 4  # the stream the windows are cut from is this many times their total size, so few overlap
 FILTER_ROWS = 128  # windows filtered at once: keeps the (rows, J, W) belief small enough to stay in cache
@@ -61,7 +62,7 @@ class DataError(Exception):
     """Missing, empty, corrupt or mismatched data; the message names the file."""
 
 
-# ---- tokenizer ---------------------------------------------------------------------------------
+# ---- tokenizer: byte-level, token id == byte value (trainer/contract.py) -----------------------
 def encode(text: str | bytes) -> np.ndarray:
     data = text.encode("utf-8") if isinstance(text, str) else text
     return np.frombuffer(data, dtype=np.uint8).copy()

@@ -1,12 +1,15 @@
-"""Train a small GPT on byte tokens for a fixed wall-clock budget. This is the file the agent edits.
+"""Train a small GPT on byte tokens for a fixed wall-clock budget.
+
+All of this file is the agent's to change; fixed: trainer/contract.py (what evaluation needs), prepare.py, evaluate.py.
 
     python -m trainer.train --config cpu-tiny --data data/ --out out/
     python -m trainer.train --config gpu --data data/ --out out/ --time-budget 300
     python -m trainer.train --config cpu-tiny --deterministic --steps 50    # bit-identical reruns
 
-Reads only the training split. Writes out/ckpt.pt (this file's source, the config and the weights:
-everything the evaluator needs to rebuild the model) and out/summary.json. The metric is not
-computed here: trainer/evaluate.py scores the checkpoint on held-out data.
+Reads only the training split. Writes out/ckpt.pt through the contract's save_checkpoint (this
+file's source, build_model's config and the weights: the evaluator rebuilds the model from them by
+calling build_model) and out/summary.json. The metric is not computed here: trainer/evaluate.py
+scores the checkpoint on held-out data.
 
 The time budget is all-in wall clock: under labrat the harness passes its deadline (host clock) and
 kills the run there, so start-up, data loading, compilation and saving all come out of the budget;
@@ -29,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.contract import EVAL_SEQ_LENS, VOCAB_SIZE, save_checkpoint
 from trainer.prepare import training_deadline
 
 # ---- knobs (the agent's search space) ----------------------------------------------------------
@@ -46,10 +50,9 @@ CONFIGS = {
         dtype="bfloat16", compile=True, time_budget=300.0,
     ),
 }
-VOCAB_SIZE = 256  # byte tokens (trainer/prepare.py)
 SAVE_RESERVE_SECONDS = 2.0  # stop training this long before the deadline: saving and exiting must fit
 ADAM_BETAS = (0.9, 0.95)
-ROPE_MIN_POSITIONS = 2048  # the evaluator may use a longer context than training did
+ROPE_MIN_POSITIONS = max(EVAL_SEQ_LENS.values())  # the evaluator may use a longer context than training did
 LOG_EVERY_SECONDS = 5.0
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
 
@@ -128,7 +131,8 @@ class GPT(nn.Module):
 
 
 def build_model(config: dict) -> GPT:
-    """The evaluator rebuilds the model through this function (with the config saved in the checkpoint)."""
+    """The entry point the evaluator rebuilds the model through, with the config saved in the checkpoint
+    (what it must return: trainer/contract.py)."""
     return GPT(**config)
 
 
@@ -244,11 +248,7 @@ def train(cfg: dict, train_tokens: np.ndarray, out: Path, device: str, steps: in
     if device == "cuda":
         peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in summary["device"]), None)
         summary["mfu"] = tokens_per_s * flops_per_token(model, cfg) / peak if peak else None
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / "ckpt.pt.partial"  # renamed when complete: a run killed while saving leaves no ckpt.pt
-    torch.save({"source": Path(__file__).read_text(), "source_name": "train.py", "config": model_cfg,
-                "model": model.state_dict()}, partial)
-    partial.rename(out / "ckpt.pt")
+    save_checkpoint(out, model, model_cfg, source_file=__file__)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"train: done, {step} steps, {tokens_per_s:,.0f} tok/s, summary in {out / 'summary.json'}", flush=True)
     return summary

@@ -1,14 +1,14 @@
-"""Agents drive a session through its Toolbox until `session.stop_reason()` says to stop.
+"""Agents drive a session through its Toolbox until the lab's view says to stop.
 
-    agent = make_agent(config, "offline")      # or "claude"
-    reason = agent.run(Toolbox(session))       # a one-line stop reason
+    agent = make_agent(config, program)        # harness/run.py: offline, or claude
+    reason = agent.run(toolbox, lab_view)      # a one-line stop reason
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from harness.config import LabConfig
+from harness.session import LabView
 from harness.tools import Toolbox
 
 
@@ -20,16 +20,6 @@ class Agent(Protocol):
     name: str
     model: str | None
 
-    def run(self, toolbox: Toolbox) -> str:
-        """Work until the session must stop; return why it stopped."""
+    def run(self, toolbox: Toolbox, lab: LabView) -> str:
+        """Work through the toolbox until `lab.stop_reason()` says to stop; return why it stopped."""
         ...
-
-
-def make_agent(config: LabConfig, program: str) -> Agent:
-    if config.agent == "claude":
-        from harness.agents.claude import ClaudeAgent
-
-        return ClaudeAgent(config, program)
-    from harness.agents.offline import OfflineAgent
-
-    return OfflineAgent(config)

@@ -1,7 +1,7 @@
 """The Claude agent: the Anthropic Messages API with tool use, driving a session through its Toolbox.
 
     agent = ClaudeAgent(config, program)       # ConfigError when ANTHROPIC_API_KEY is not set
-    reason = agent.run(Toolbox(session))       # until session.stop_reason() says to stop
+    reason = agent.run(toolbox, lab_view)      # until lab_view.stop_reason() says to stop
 
 The API key is read here, in the host process, and handed to the SDK client only: it never enters a
 tool input, a container, the ledger or a log. Transient API failures (429, 5xx, 529 overloaded,
@@ -30,6 +30,8 @@ import structlog
 from harness import history
 from harness.agents import AgentFailed
 from harness.config import ConfigError, LabConfig
+from harness.text import clip, one_line
+from harness.session import LabView
 from harness.tools import Toolbox, tool_specs
 
 log = structlog.get_logger(__name__)
@@ -118,14 +120,9 @@ def usage_cost(model: str, usage) -> tuple[int, int, float]:
     return fresh + written + read, out, cost
 
 
-def _one_line(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _reason(text: str) -> str:
     """A failure reason for AgentFailed: one line, short, without brackets (the CLI prints it as rich markup)."""
-    return _one_line(text, 200).replace("[", "(").replace("]", ")")
+    return one_line(text, 200, fold=True).replace("[", "(").replace("]", ")")
 
 
 _SURROGATES = {code: "\ufffd" for code in range(0xD800, 0xE000)}
@@ -190,14 +187,14 @@ class ClaudeAgent:
         self.messages: list[dict] = []
 
     # -- the loop ------------------------------------------------------------------------------------
-    def run(self, toolbox: Toolbox) -> str:
-        session = toolbox.session
+    def run(self, toolbox: Toolbox, lab: LabView) -> str:
+        session = lab
         self._restart(session, last_turn=None)
         idle = 0
         while not (reason := session.stop_reason()):
             response = self._create()
             tokens_in, tokens_out, cost = usage_cost(self.model, response.usage)
-            session.add_usage(tokens_in, tokens_out, cost)
+            toolbox.charge(tokens_in, tokens_out, cost)
             content, calls = self._assistant_content(response)
             log.info("agent.response", stop_reason=response.stop_reason, tools=[name for _, name, _ in calls],
                      tokens_in=tokens_in, tokens_out=tokens_out, cost_usd=round(cost, 6))
@@ -255,7 +252,7 @@ class ClaudeAgent:
         status = exc.status_code
         retried = status in (408, 409, 429) or status >= 500
         suffix = f" (gave up after {MAX_RETRIES} retries)" if retried else ""
-        return f"Anthropic API: HTTP {status} {kind}: {_one_line(message, 120)}{suffix}"
+        return f"Anthropic API: HTTP {status} {kind}: {one_line(message, 120, fold=True)}{suffix}"
 
     @staticmethod
     def _assistant_content(response) -> tuple[list[dict], list[tuple[str, str, object]]]:
@@ -292,30 +289,29 @@ class ClaudeAgent:
         messages[-1] = {**last, "content": content}
         return messages
 
-    def _restart(self, session, last_turn: list[str] | None) -> None:
+    def _restart(self, session: LabView, last_turn: list[str] | None) -> None:
         self.messages = [{"role": "user", "content": [{"type": "text", "text": self._summary(session, last_turn)}]}]
 
     @staticmethod
     def _turn_line(name: str, raw_input: object, result) -> str:
-        shown = _one_line(json.dumps(raw_input, default=str, ensure_ascii=False) if isinstance(raw_input, dict)
-                          else repr(raw_input), 160)
-        text = result.text if len(result.text) <= LAST_TURN_CHARS else (
-            result.text[: LAST_TURN_CHARS // 3] + "\n[...]\n" + result.text[-2 * LAST_TURN_CHARS // 3:])
+        shown = one_line(json.dumps(raw_input, default=str, ensure_ascii=False) if isinstance(raw_input, dict)
+                         else repr(raw_input), 160)
+        text = clip(result.text, LAST_TURN_CHARS)
         return _sendable(f"{name} {shown}{' (error)' if result.is_error else ''}:\n{text}")
 
-    def _summary(self, session, last_turn: list[str] | None) -> str:
-        experiments = session.ledger.experiments()
+    def _summary(self, session: LabView, last_turn: list[str] | None) -> str:
+        experiments = session.experiments()
         done = [e for e in experiments if e.status != "running"]
         parts = []
         if last_turn is None:
-            start = "resumes" if getattr(session, "resumed", False) else "starts"
+            start = "resumes" if session.resumed else "starts"
             parts.append(f"[labrat] The research session {start}.")
         else:
             parts.append("[labrat] An experiment finished. To keep the context small, the conversation restarts "
                          "from this summary after every experiment; earlier messages are gone.")
-        best, base = session.ledger.best(), session.base
+        best, base = session.best(), session.base
         if best is not None:
-            parts.append(f"Best so far: {history.one_line(best)}")
+            parts.append(f"Best so far: {history.summary_line(best)}")
         if base is not None:
             same = best is not None and best.id == base.id
             parts.append("The workspace holds that best version." if same else
@@ -330,11 +326,11 @@ class ClaudeAgent:
             header = (f"Lab history: {len(done)} experiment{'s' if len(done) > 1 else ''} ("
                       + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ")"
                       + (f"; the latest {len(shown)}, oldest first:" if len(shown) < len(done) else ":"))
-            parts.append("\n".join([header, *(history.one_line(e) for e in shown)]))
+            parts.append("\n".join([header, *(history.summary_line(e) for e in shown)]))
         else:
             parts.append("No experiments yet: a first run_experiment of train.py as shipped gives the baseline.")
         parts.append("More history: list_experiments(limit) for older experiments, show_experiment(id) for one "
-                     "experiment's diff and log, diff(a, b) between two (0 = the session's starting point).")
+                     "experiment's diff and log, diff(a, b) between two (0 = the lab's starting point).")
         if last_turn:
             # Every run_experiment outcome is shown; other results while they fit LAST_TURN_TOTAL_CHARS.
             lines, used, left_out = [], 0, 0

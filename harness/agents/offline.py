@@ -16,6 +16,7 @@ import re
 import structlog
 
 from harness.config import LabConfig
+from harness.session import LabView
 from harness.tools import Toolbox
 
 log = structlog.get_logger(__name__)
@@ -62,43 +63,40 @@ class OfflineAgent:
     def __init__(self, config: LabConfig):
         self.config = config
 
-    def run(self, toolbox: Toolbox) -> str:
-        session = toolbox.session
-        while not (reason := session.stop_reason()):
-            if session.base is None and not any(e.metric is not None for e in session.ledger.experiments()):
+    def run(self, toolbox: Toolbox, lab: LabView) -> str:
+        while not (reason := lab.stop_reason()):
+            if lab.base is None and not any(e.metric is not None for e in lab.experiments()):
                 toolbox.call("run_experiment", {"description": "baseline: train.py as shipped"})
                 continue
-            self._step(toolbox)
+            if failure := self._step(toolbox, lab):
+                return failure
         return reason
 
-    def _step(self, toolbox: Toolbox) -> None:
-        session = toolbox.session
+    def _step(self, toolbox: Toolbox, lab: LabView) -> str | None:
+        """One edit and its experiment; or why the agent cannot go on."""
         view = toolbox.call("str_replace_based_edit_tool", {"command": "view", "path": TRAIN_FILE})
         if view.is_error:
-            session.stop = f"offline agent cannot read {TRAIN_FILE}: {view.text[:200]}"
-            return
+            return f"offline agent cannot read {TRAIN_FILE}: {view.text[:200]}"
         source = "\n".join(line.split("\t", 1)[1] if "\t" in line else "" for line in view.text.splitlines()) + "\n"
         try:
             block, knobs = _block(source, self.config.trainer_config)
         except ValueError as exc:
-            session.stop = f"offline agent: {exc}"
-            return
-        move = self._choose(session, knobs)
+            return f"offline agent: {exc}"
+        move = self._choose(lab, knobs)
         if move is None:
-            session.stop = "offline agent: every move from the current base has been tried"
-            return
+            return "offline agent: every move from the current base has been tried"
         knob, old, new = move
         new_block = re.sub(rf"\b{knob}=[^,\n]+", f"{knob}={_fmt(new)}", block, count=1)
         edit = toolbox.call("str_replace_based_edit_tool",
                             {"command": "str_replace", "path": TRAIN_FILE, "old_str": block, "new_str": new_block})
         if edit.is_error:
-            session.stop = f"offline agent could not edit {TRAIN_FILE}: {edit.text[:200]}"
-            return
+            return f"offline agent could not edit {TRAIN_FILE}: {edit.text[:200]}"
         toolbox.call("run_experiment", {"description": f"{knob}: {_fmt(old)} -> {_fmt(new)}"})
+        return None
 
-    def _choose(self, session, knobs: dict) -> tuple[str, object, object] | None:
-        experiments = session.ledger.experiments()
-        base_id = session.base_id
+    def _choose(self, lab: LabView, knobs: dict) -> tuple[str, object, object] | None:
+        experiments = lab.experiments()
+        base_id = lab.base_id
         rng = random.Random(f"{self.config.seed}:{len(experiments)}")  # deterministic, also across a resume
         tried = {m.groups()[::2] for e in experiments if e.parent_id == base_id and (m := DESCRIPTION.match(e.description))}
         candidates: list[tuple[float, tuple[str, object, object]]] = []

@@ -15,8 +15,10 @@ import pytest
 
 from harness.config import LabConfig
 from harness.ledger import Experiment
+from harness.run import LabRun
 from harness.session import Session
-from harness.tools import ToolResult, Toolbox
+from harness.tools import ToolResult
+from sandbox.sandbox import Sandbox
 from sandbox.sandbox import wait_for_removals
 from sandbox.snapshots import SnapshotStore
 from tests.conftest import _runsc_skip_reason
@@ -37,13 +39,19 @@ def attack_config(runtime: str) -> LabConfig:
 class Attacker:
     """An untrusted agent: it has the tools and nothing else."""
 
-    def __init__(self, toolbox: Toolbox, runtime: str):
-        self.toolbox = toolbox
+    def __init__(self, run: LabRun, runtime: str):
+        self.run = run  # the harness's side, for the tests' checks; the attacker itself only calls tools
+        self.toolbox = run.toolbox
         self.runtime = runtime
 
     @property
     def session(self) -> Session:
-        return self.toolbox.session
+        return self.run.session
+
+    @property
+    def box(self) -> Sandbox:
+        """The working container, now (an experiment or a restore replaces it)."""
+        return self.run.workbench.box
 
     def call(self, name: str, tool_input: object) -> ToolResult:
         return self.toolbox.call(name, tool_input)
@@ -68,7 +76,7 @@ class Attacker:
 
     def fresh_box(self) -> None:
         """A new working container of the session's base (after an attack that killed the old one)."""
-        self.session.replace_working_box()
+        self.run.workbench.start()
 
 
 @pytest.fixture(scope="module", params=["runc", pytest.param("runsc", marks=pytest.mark.runsc)])
@@ -80,16 +88,16 @@ def attacker(request, tmp_path_factory) -> Attacker:
         pytest.skip(reason)
     lab = tmp_path_factory.mktemp(f"attack-{runtime}")
     config = attack_config(runtime)
-    with Session(lab, config, agent="attacker") as session:
-        yield Attacker(Toolbox(session), runtime)
+    with LabRun(lab, config, agent="attacker") as run:
+        yield Attacker(run, runtime)
     wait_for_removals()  # containers of the snapshots may still be going away on the session's threads
-    SnapshotStore().gc(keep=[], name_prefix=session.lab_id)
+    SnapshotStore().gc(keep=[], name_prefix=run.lab_id)
 
 
 @pytest.fixture
 def attack(attacker) -> Attacker:
     """The module's attacker, with a working container of the base that no earlier attack has touched."""
-    if attacker.session.box_is_dead() or attacker.session.calls_since_experiment:
+    if attacker.run.workbench.is_dead() or attacker.session.calls_since_experiment:
         attacker.fresh_box()
     attacker.session.calls_since_experiment = 0
     return attacker

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,8 @@ import pytest
 from harness.ledger import Ledger
 from sandbox.snapshots import SnapshotStore
 from tests.adversarial.conftest import ledger_rows
+from tests.conftest import LABRAT, make_lab
 
-LABRAT = str(Path(sys.executable).parent / "labrat")
-SMALL_LAB = """
-deterministic_steps = 3
-time_budget = 60  # deterministic steps end on their own: only the host's limit
-eval_tokens = 1024
-max_experiments = 100
-"""
 
 
 @pytest.fixture
@@ -65,7 +58,7 @@ def rows(lab: Path) -> list[dict]:
 def test_a_full_lab_disk_is_one_clear_error_and_the_ledger_survives(small_disk):
     lab = small_disk / "lab"
     lab.mkdir()
-    (lab / "labrat.toml").write_text(SMALL_LAB)
+    make_lab(lab, max_experiments=100)
     first = labrat_run(lab, 1)
     assert first.returncode == 0, first.stderr[-2000:]
     before = rows(lab)

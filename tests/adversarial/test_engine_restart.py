@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,14 +15,9 @@ import pytest
 from harness.ledger import Ledger
 from sandbox.engine import LABEL_OWNER_PID, LABEL_ROLE, client, wait_for_engine
 from sandbox.snapshots import SnapshotStore
+from tests.conftest import LABRAT, make_lab
 
-LABRAT = str(Path(sys.executable).parent / "labrat")
 REPO = Path(__file__).resolve().parents[2]
-RESTART_LAB = """
-time_budget = 8
-eval_tokens = 4096
-max_experiments = 2
-"""
 
 
 def restart_engine() -> None:
@@ -49,7 +43,7 @@ def restart_engine() -> None:
 def test_a_daemon_restart_mid_training_is_a_crash_and_the_session_goes_on(tmp_path):
     lab = tmp_path / "lab"
     lab.mkdir()
-    (lab / "labrat.toml").write_text(RESTART_LAB)
+    make_lab(lab, deterministic_steps=None, time_budget=8, eval_tokens=4096, max_experiments=2)
     process = subprocess.Popen([LABRAT, "run", "--lab", str(lab)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "LABRAT_LOG_LEVEL": "warning"})
     training = {"label": [f"{LABEL_OWNER_PID}={process.pid}", f"{LABEL_ROLE}=train"]}

@@ -98,7 +98,7 @@ done()
 def test_no_docker_socket_anywhere_and_no_host_files(attack, tmp_path):
     marker = f"labrat-host-marker-{secrets.token_hex(6)}"
     # Markers on the host: next to the training data the container mounts, in the lab, in the system tmp.
-    places = [attack.session.data.train_dir.parent, attack.session.lab, Path(tempfile.gettempdir()), tmp_path]
+    places = [attack.run.data.train_dir.parent, attack.session.lab, Path(tempfile.gettempdir()), tmp_path]
     written = []
     for place in places:
         path = place / marker
@@ -136,11 +136,11 @@ done()
     assert binds["/data"].split(",")[0] == "ro" and binds["/usr/sbin/docker-init"].split(",")[0] == "ro"
     if attack.runtime == "runc":  # runc shows the host path of each bind; only the training split's is lab data
         roots = {point: root for point, root, _options, fstype in out["mounts"] if point in binds}
-        assert roots["/data"] == str(attack.session.data.train_dir)
+        assert roots["/data"] == str(attack.run.data.train_dir)
 
 
 def test_the_training_data_mount_cannot_be_written(attack):
-    train_bin = attack.session.data.train_dir / "train.bin"
+    train_bin = attack.run.data.train_dir / "train.bin"
     before = hashlib.sha256(train_bin.read_bytes()).hexdigest()
     out = probe(attack, PRELUDE + """
 out["append"] = attempt(lambda: open("/data/train.bin", "ab").write(b"x"))
@@ -339,7 +339,7 @@ def test_train_py_has_the_same_confinement_and_the_experiment_records_normally(a
     with socket.create_connection((gateway, port), timeout=5) as conn:  # positive control, from the host
         assert conn.recv(100) == b"host-secret\n"  # (answered: the server has counted it before clear())
     hits.clear()
-    train_bin = attack.session.data.train_dir / "train.bin"
+    train_bin = attack.run.data.train_dir / "train.bin"
     before = hashlib.sha256(train_bin.read_bytes()).hexdigest()
     attack.patch_train("    train_file = args.data / \"train.bin\"\n", f"""    import errno as _errno, socket as _socket
     _escape = {{}}

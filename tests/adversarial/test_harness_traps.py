@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from harness.history import printable
+from harness.text import printable
 from sandbox.policy import SandboxPolicy
 from sandbox.sandbox import Sandbox
 from sandbox.snapshots import SnapshotStore
 from tests.adversarial.conftest import TRAIN, Attacker
-from tests.conftest import SESSION
+from tests.conftest import LABRAT, SESSION
 
-LABRAT = str(Path(sys.executable).parent / "labrat")
 EXPERIMENT_BOUND = 180  # seconds: generous on a loaded machine; a blocked read would never finish at all
 # File names as bytes (the shell writes them with printf), and how the ledger's JSON gives them back.
 EVIL = b"evil\x1b[2J\x07\n.py"
@@ -117,7 +115,7 @@ def test_links_fifos_and_evil_names_are_recorded_never_followed_and_print_safely
 
     # Between the harness's manifest and its reads, three files become a FIFO, a link out and a directory.
     # (The race is forced: the real manifest runs, then the swap runs in the real container, then the reads.)
-    box = attack.session.box
+    box = attack.box
     real_manifest = box.manifest
 
     def manifest_then_swap(*args, **kwargs):
@@ -229,7 +227,7 @@ def test_a_huge_file_and_a_fifo_keep_the_record_small_and_the_run_unblocked(atta
     assert len(experiment.sources_json) < 200_000 and len(experiment.diff) < 20_000
     assert "+<not recorded: 200000000 bytes>" in experiment.diff
     snapshot = SnapshotStore().get(experiment.snapshot)
-    assert 200_000_000 <= snapshot.layer_bytes <= attack.session.box.policy.disk_bytes
+    assert 200_000_000 <= snapshot.layer_bytes <= attack.box.policy.disk_bytes
     # The working container is back to the base: the 200 MB are gone from it.
     assert attack.bash("ls big.bin", timeout=30).is_error
 
@@ -237,7 +235,7 @@ def test_a_huge_file_and_a_fifo_keep_the_record_small_and_the_run_unblocked(atta
 def test_a_ballooning_workspace_stops_at_the_disk_limit_and_is_never_snapshotted(attack):
     """100 MB at a time: the write that crosses the limit (disk_gb = 0.25 here) is stopped, and the experiment
     is recorded as a crash that says why; no snapshot past the limit reaches the store."""
-    limit = attack.session.box.policy.disk_bytes
+    limit = attack.box.policy.disk_bytes
     assert limit == int(0.25 * 1024**3)
     assert not attack.edit("create", TRAIN, file_text=BROKEN).is_error
     results = [attack.bash(f"head -c 100000000 /dev/zero > balloon{i}.bin", timeout=120) for i in range(3)]

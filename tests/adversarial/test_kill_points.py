@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from harness.failpoints import ENV, POINTS
@@ -20,15 +19,8 @@ from harness.ledger import Ledger
 from sandbox.engine import LABEL_OWNER_PID, client
 from sandbox.snapshots import SnapshotStore
 from tests.adversarial.conftest import ledger_rows
+from tests.conftest import LABRAT, make_lab
 
-LABRAT = str(Path(sys.executable).parent / "labrat")
-# Deterministic and tiny: every experiment takes a few seconds, and the same configuration scores the same.
-KILL_LAB = """
-deterministic_steps = 3
-time_budget = 60  # deterministic steps end on their own: only the host's limit
-eval_tokens = 1024
-max_experiments = 1000
-"""
 
 
 def run_labrat(lab: Path, max_experiments: int,
@@ -47,7 +39,7 @@ def run_labrat(lab: Path, max_experiments: int,
 def test_killed_at_every_fail_point_the_next_run_resumes_and_loses_nothing(tmp_path):
     lab = tmp_path / "lab"
     lab.mkdir()
-    (lab / "labrat.toml").write_text(KILL_LAB)
+    make_lab(lab, max_experiments=1000)
     killed_pids: list[int] = []
     completed: dict[int, dict] = {}  # experiments finished so far, as the ledger recorded them
     try:

@@ -214,7 +214,7 @@ def test_each_precise_message(attacker):
         ("bash", {"command": "echo a\x00b"}, "invalid input for bash: command: Value error, a command cannot "
                                             "contain a NUL byte"),  # was an engine 'invalid argument'
         ("bash", {"command": "ls", "\x1b[2J\x07" + "k" * 100_000: 1},
-         "invalid input for bash: \ufffd[2J\ufffdkkkkkkkkkkkkkkkkkkkkkkkkk...[100005 chars]...kkkkkkkkkkkkkkk: "
+         "invalid input for bash: \ufffd[2J\ufffd" + "k" * 15 + " [... 99965 characters cut ...] " + "k" * 20 + ": "
          "Extra inputs are not permitted"),  # was a 100 KB message with a raw escape sequence
         ("bash", {"command": "ls", "\ud800": 1}, "invalid input for bash: input: Input should be a valid string, "
                                                  "unable to parse raw data as a unicode string"),

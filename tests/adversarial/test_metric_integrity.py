@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from harness.config import LabConfig
-from harness.session import Session
-from harness.tools import Toolbox
+from harness.run import LabRun
 from sandbox.sandbox import wait_for_removals
 from sandbox.snapshots import SnapshotStore
 from tests.adversarial.conftest import Attacker, peak_memory, reset_peak_memory
+from trainer import contract
 from trainer import evaluate as ev
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -63,9 +63,9 @@ def test_the_shipped_train_py_is_still_kept_and_causal(attack: Attacker):
 def test_an_impossible_result_is_refused_and_never_kept(attack: Attacker):
     """The wiring of the floor check: a lab whose data claim an attainable floor far above what even the shipped
     model reaches (here by rewriting the session's copy of the data's meta) refuses its result."""
-    meta = attack.session.data.meta
+    meta = attack.run.data.meta
     saved = meta.get("attainable_bpb")
-    meta["attainable_bpb"] = {str(ev.EVAL_SEQ_LEN): [20.0, 0.0]}
+    meta["attainable_bpb"] = {str(contract.EVAL_SEQ_LEN): [20.0, 0.0]}
     try:
         refused = attack.run_experiment("below a floor of 20 bpb")
     finally:
@@ -111,14 +111,14 @@ def test_a_sparse_checkpoint_at_the_size_limit_streams_in_bounded_memory(tmp_pat
     """A 2 GiB sparse ckpt.pt costs the training container no disk; it must not cost the harness 2 GiB of
     memory on its way to the evaluation either (runc only: the measure is this process's peak RSS)."""
     config = LabConfig(time_budget=20, eval_tokens=4096, max_experiments=10, max_tool_calls=100, disk_gb=3)
-    with Session(tmp_path / "lab", config, agent="attacker") as session:
-        attack = Attacker(Toolbox(session), "runc")
-        attack.patch_train("    partial.rename(out / \"ckpt.pt\")\n",
-                           f"    partial.rename(out / \"ckpt.pt\")\n    os.truncate(out / \"ckpt.pt\", {ev.CHECKPOINT_LIMIT})\n")
+    with LabRun(tmp_path / "lab", config, agent="attacker") as run:
+        attack = Attacker(run, "runc")
+        saved = "    save_checkpoint(out, model, model_cfg, source_file=__file__)\n"
+        attack.patch_train(saved, f"{saved}    os.truncate(out / \"ckpt.pt\", {contract.CHECKPOINT_LIMIT})\n")
         before = reset_peak_memory()
         sparse = attack.run_experiment("a 2 GiB sparse checkpoint")
         grown = peak_memory() - before
     wait_for_removals()
-    SnapshotStore().gc(keep=[], name_prefix=session.lab_id)
+    SnapshotStore().gc(keep=[], name_prefix=run.lab_id)
     assert sparse.status == "crash" and "could not be loaded" in sparse.log_tail.splitlines()[0], sparse.log_tail
     assert grown <= CHECKPOINT_RSS_LIMIT, f"the harness's peak RSS grew by {grown / MB:.0f} MiB"

@@ -60,7 +60,7 @@ def test_a_replaced_evaluator_planted_hooks_and_fake_results_do_not_reach_the_me
     attack.patch_train('    print(f"train: done,', HUNT)
 
     faked = attack.run_experiment("evaluate my way")
-    floor = attack.session.data.floor_bpb
+    floor = attack.run.data.floor_bpb
     assert faked.status == "keep", faked.log_tail  # the first result of the lab: its baseline
     assert faked.metric > floor + 0.1  # the protected evaluation's number, not 0.0001
     result = json.loads(faked.eval_json)
@@ -94,10 +94,10 @@ def test_a_faked_clock_does_not_extend_the_budget(attack: Attacker):
 
 
 def test_a_crashing_train_py_is_recorded_with_its_log_and_the_workspace_is_reset(attack: Attacker):
-    original = attack.session.box.read_text(TRAIN)
+    original = attack.box.read_text(TRAIN)
     attack.patch_train("    torch.manual_seed(seed)\n", "    torch.manual_seed(seed)\n    raise RuntimeError('agent bug 42')\n")
     crashed = attack.run_experiment("introduce a bug")
     assert crashed.status == "crash" and crashed.metric is None
     assert "agent bug 42" in crashed.log_tail and "training failed (exit 1)" in crashed.log_tail
     assert "agent bug 42" in crashed.diff
-    assert attack.session.box.read_text(TRAIN) == original  # reset to the base
+    assert attack.box.read_text(TRAIN) == original  # reset to the base

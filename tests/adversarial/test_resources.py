@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from harness.runner import LOG_TAIL_CHARS
 from harness.tools import MODEL_OUTPUT_CHARS
@@ -61,33 +60,33 @@ def assert_session_goes_on(attack: Attacker) -> None:
 
 # -- bombs ---------------------------------------------------------------------------------------------
 def test_fork_bomb_is_refused_at_the_process_limit_and_the_session_goes_on(attack):
-    box = attack.session.box.name
+    box = attack.box.name
     result = attack.bash("bomb() { bomb | bomb & }; bomb; sleep 10", timeout=5)
     assert result.is_error
-    assert f"the process limit of {attack.session.box.policy.pids_limit} was reached" in result.text, result.text
+    assert f"the process limit of {attack.box.policy.pids_limit} was reached" in result.text, result.text
     if attack.runtime == "runc":
         # The bomb's forks fail, the host clock ends the exec, every process of the agent is killed.
         assert "killed after 5 s wall-clock timeout" in result.text
-        assert attack.session.box.name == box
+        assert attack.box.name == box
     else:
         # Under gVisor the limit binds the sandbox's own kernel, which stops: the tool replaces the box.
         assert "restored to the session's base" in result.text
-        assert attack.session.box.name != box
+        assert attack.box.name != box
     assert_session_goes_on(attack)
     assert not any("bomb" in command or "sleep 10" in command for command in processes(attack))
 
 
 def test_memory_bomb_in_bash_is_reported_as_out_of_memory(attack):
-    box = attack.session.box.name
+    box = attack.box.name
     result = attack.bash("python3 -c 'x = bytearray(2 << 30); print(\"allocated\")'", timeout=60)
     assert result.is_error and "out of memory" in result.text and "allocated" not in result.text, result.text
     if attack.runtime == "runc":
-        assert attack.session.box.name == box  # only the offending process died
+        assert attack.box.name == box  # only the offending process died
     else:
         # gVisor: the host's OOM killer picks one of the sandbox's own processes. If it was the sandbox's
         # kernel, the container is gone and the tool replaced it; if another (its gofer), the container goes
         # on and the exec was ended at once, not left waiting for the wall clock (see the train.py case).
-        replaced = attack.session.box.name != box
+        replaced = attack.box.name != box
         assert replaced == ("restored to the session's base" in result.text), result.text
     assert_session_goes_on(attack)
 
@@ -107,7 +106,7 @@ def test_memory_bomb_in_train_py_is_a_crash_with_out_of_memory(attack):
 
 # -- disk ----------------------------------------------------------------------------------------------
 def test_disk_fill_in_bash_is_stopped_and_never_reaches_the_snapshot_store(attack):
-    limit = attack.session.box.policy.disk_bytes
+    limit = attack.box.policy.disk_bytes
     result = attack.bash("head -c 400000000 /dev/zero > /workspace/fill; echo written", timeout=60)
     assert result.is_error and f"exceed the disk limit of {limit} bytes" in result.text, result.text
     # The agent ignores the message and asks for an experiment: the over-limit layer is not committed.
@@ -245,7 +244,7 @@ TRAIN_DAEMON = """    if os.fork() == 0:  # a daemon: double fork, new session, 
 
 def test_daemons_do_not_outlive_the_experiment_and_snapshots_stay_bounded(attack):
     session = attack.session
-    working = session.box.name
+    working = attack.box.name
     # A writer in the working container (the exec reaps it) and 64 MB of ballast, under the disk limit.
     started = attack.bash("setsid bash -c 'while :; do echo x >> /workspace/beat; sleep 0.05; done' "
                           "</dev/null >/dev/null 2>&1 & head -c 64000000 /dev/zero > /workspace/ballast; sleep 0.5")
@@ -256,7 +255,7 @@ def test_daemons_do_not_outlive_the_experiment_and_snapshots_stay_bounded(attack
     assert experiment.status in ("keep", "discard") and experiment.metric is not None, experiment.log_tail
     assert "DAEMON-BEAT" in experiment.log_tail  # the daemon did run during training
     # A fresh working container: no writer, no daemon, none of the training container's files.
-    assert session.box.name != working
+    assert attack.box.name != working
     left = processes(attack)
     assert not any("beat" in c or "python" in c for c in left), left
     files = attack.bash("ls /workspace/train-beat /home/agent/train-beat 2>&1").text
@@ -271,7 +270,7 @@ def test_daemons_do_not_outlive_the_experiment_and_snapshots_stay_bounded(attack
     assert [c["Names"] for c in trainers] == []
     # Each snapshot adds at most the disk limit to the store (its size less its parent's); this one holds
     # the ballast, so the measure does see what the agent wrote.
-    limit = session.box.policy.disk_bytes
+    limit = attack.box.policy.disk_bytes
     grown = {}
     for snap in SnapshotStore().list(lab=session.lab_id):
         image = client().images.get(snap.image_id)

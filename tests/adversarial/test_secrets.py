@@ -19,8 +19,7 @@ import subprocess
 import pytest
 
 from harness import logs
-from harness.session import Session
-from harness.tools import Toolbox
+from harness.run import LabRun
 from sandbox.engine import client, owner_labels
 from sandbox.sandbox import wait_for_removals
 from sandbox.snapshots import SnapshotStore
@@ -65,12 +64,12 @@ def attacker(request, tmp_path_factory, canaries) -> Attacker:
     lab = tmp_path_factory.mktemp(f"secrets-{runtime}")
     logs.configure(level="warning", json=True, file=lab / "logs" / "labrat.log")
     try:
-        with Session(lab, attack_config(runtime), agent="attacker") as session:
-            yield Attacker(Toolbox(session), runtime)
+        with LabRun(lab, attack_config(runtime), agent="attacker") as run:
+            yield Attacker(run, runtime)
     finally:
         logs.configure(level="warning", json=True)
     wait_for_removals()  # containers of the snapshots may still be going away on the session's threads
-    SnapshotStore().gc(keep=[], name_prefix=session.lab_id)
+    SnapshotStore().gc(keep=[], name_prefix=run.lab_id)
 
 
 HUNT = r"""
@@ -194,7 +193,7 @@ def test_no_secret_in_snapshots_lab_files_or_the_ledger(attack, canaries):
         _plant_and_run(attack)
     snapshots = SnapshotStore().list(lab=session.lab_id)
     assert snapshots
-    base_image = client().images.get(session.image)
+    base_image = client().images.get(attack.run.image)
     assert leaked(json.dumps(base_image.attrs)) == leaked(json.dumps(base_image.history())) == []
     needles = [value.encode() for value in CANARIES.values()] + [LOOT_MARK.encode(), b"PATH=/opt/venv/bin"]
     for snap in snapshots:
