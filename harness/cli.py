@@ -353,46 +353,15 @@ def smoke(
     runtime: Annotated[str, typer.Option(help="runc, or runsc for gVisor.")] = "runc",
 ) -> None:
     """A smoke test of the sandbox alone: exec, edit, snapshot, restore, all in a hardened container."""
-    from harness.image import build_image
-    from sandbox.engine import reap_orphans
-    from sandbox.policy import SandboxPolicy
-    from sandbox.sandbox import Sandbox
-    from sandbox.snapshots import SnapshotStore
+    from harness.smoke import run_smoke
 
-    reap_orphans()
     with _spinner("preparing the sandbox image") as update:
-        image = build_image(on_step=update)
-    policy = SandboxPolicy(image=image, runtime=runtime)
-    store = SnapshotStore()
-    session = f"smoke{int(time.time())}"
+        rows = run_smoke(runtime, on_step=update)
     table = Table(title=f"labrat sandbox smoke test ({runtime})")
     for column in ("step", "result", "seconds"):
         table.add_column(column)
-
-    def step(name: str, fn):
-        started = time.monotonic()
-        result = fn()
-        shown = f"{result.name} (depth {result.depth}, {result.layer_bytes} bytes)" if hasattr(result, "layer_bytes") else str(result)
-        table.add_row(name, shown, f"{time.monotonic() - started:.3f}")
-        return result
-
-    snaps = []
-    try:
-        with Sandbox.start(policy, session=session) as box:
-            step("who am I", lambda: box.exec("id -un").stdout.strip())
-            step("network", lambda: box.exec("getent hosts pypi.org >/dev/null && echo reachable || echo none").stdout.strip())
-            step("torch in container", lambda: box.exec(
-                "python -c 'import torch; a=torch.randn(256,256); print(torch.__version__, float((a@a).abs().mean()) > 0)'",
-                timeout=120).stdout.strip())
-            box.write_file("notes.txt", "experiment 1\n")
-            snaps.append(step("snapshot #1", lambda: store.snapshot(box, labels={"experiment": "1"}, name=f"{session}-1")).name)
-            box.write_file("notes.txt", "experiment 2\n")
-            snaps.append(step("snapshot #2", lambda: store.snapshot(box, labels={"experiment": "2"}, name=f"{session}-2")).name)
-        with store.restore(snaps[0], policy, session=session) as restored:
-            step("restore #1, read notes.txt", lambda: restored.read_text("notes.txt").strip())
-    finally:
-        with contextlib.suppress(SandboxError):
-            store.gc(keep=[], name_prefix=session)
+    for name, result, seconds in rows:
+        table.add_row(name, escape(result), f"{seconds:.3f}")
     out.print(table)
 
 

@@ -1,5 +1,6 @@
 """Snapshots on the real engine: round trips, lineage, deep lineages, export/import, gc."""
 
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 from sandbox.engine import client
 from sandbox.errors import SandboxError, SnapshotMissing
 from sandbox.sandbox import Sandbox
-from tests.conftest import SESSION
+from sandbox.snapshots import SnapshotStore
+from tests.conftest import LABRAT, SESSION
 
 
 def _name(suffix: str) -> str:
@@ -164,3 +166,16 @@ def test_gc_only_touches_its_candidates(runc_box, store):
     report = store.gc(keep=[], name_prefix=_name("lab-"), lab="mine")
     assert report.removed == [mine.name]
     assert store.get(theirs.name).image_id == theirs.image_id
+
+
+def test_labrat_smoke_walks_the_sandbox_and_leaves_no_snapshot():
+    """`labrat smoke`, as a user runs it: the agent's user, no network, torch, two snapshots, a restore of the
+    first one (its file as it was then), and nothing left in the store afterwards."""
+    done = subprocess.run([LABRAT, "smoke"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in done.stdout.splitlines()
+            if line.count("│") == 4}
+    assert rows["who am I"] == "agent" and rows["network"] == "none", rows
+    assert rows["torch in container"].endswith(" True"), rows
+    assert rows["restore #1, read notes.txt"] == "experiment 1", rows
+    assert [s.name for s in SnapshotStore().list() if s.name.startswith("smoke")] == []
