@@ -28,7 +28,7 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     MALLOC_TRIM_THRESHOLD_=4294967296 \
     MALLOC_TOP_PAD_=268435456
 # The training core belongs to root: the agent edits train.py and nothing else of it. (The metric never
-# depends on this: the harness evaluates with its own pristine copy of contract.py, prepare.py and evaluate.py.)
+# depends on this: the harness evaluates with its own pristine copy of the rest of trainer/.)
 COPY trainer /workspace/trainer
 RUN chown agent:agent /workspace/trainer/train.py
 WORKDIR /workspace

@@ -3,9 +3,9 @@
     python -m trainer.evaluate --checkpoint out/ckpt.pt --data data/ --out result.json
 
 The *driver* (`evaluate`) holds the validation tokens and computes the metric; it never imports or
-unpickles anything the agent wrote. Two *workers* run the agent's model (rebuilt from the checkpoint by
-trainer/contract.py, which also says what the model must do) and only ever receive input batches, to
-which they answer with logits. In labrat the driver runs in the harness's own process
+unpickles anything the agent wrote. Two *workers* (trainer/eval_worker.py) run the agent's model
+(rebuilt from the checkpoint by trainer/contract.py, which also says what the model must do) and only
+ever receive input batches, to which they answer with logits. In labrat the driver runs in the harness's own process
 and each worker in a fresh container of the sandbox image (no held-out data there); run bare, the
 workers are two subprocesses. The model is assumed hostile: it may keep state between calls, know
 this file, return any finite numbers, time its answers, and inspect its environment.
@@ -31,18 +31,12 @@ this file, return any finite numbers, time its answers, and inspect its environm
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import json
 import math
-import os
 import secrets
-import select
 import struct
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -50,7 +44,9 @@ from typing import Protocol
 
 import numpy as np
 
-from trainer.contract import CHECKPOINT_LIMIT, EVAL_SEQ_LEN, VOCAB_SIZE, load_model
+from trainer.contract import CHECKPOINT_LIMIT, EVAL_SEQ_LEN, VOCAB_SIZE
+from trainer.eval_worker import (BATCH, CHUNK, CKPT, END, FAIL, HEADER, LOAD, LOGITS, MESSAGE_LIMIT, READY,
+                                 ProcessChannel, worker)
 
 # ---- knobs -------------------------------------------------------------------------------------
 EVAL_TOKENS = 131_072  # validation tokens scored (a fixed number, so runs are comparable)
@@ -60,14 +56,6 @@ CAUSALITY_TOLERANCE = 1e-3  # max |Δ log-prob of a true target| (float32 CPU di
 FLOOR_MARGIN_SE = 4.0  # refuse val_bpb < attainable - 4 standard errors (an honest model: ~3e-5 chance)
 POOL_MIN_TOKENS = 4096  # unscored held-out tokens kept aside to fill the judge's rows after their cuts
 ANSWER_TIMEOUT = 300.0  # seconds a worker may take to load the model or answer one batch
-CHUNK = 1 << 20
-STDERR_TAIL_BYTES = 8192
-MESSAGE_LIMIT = 4096  # bytes of a worker's error message
-REQUEST_LIMIT = 16 * CHUNK  # bytes of one message to a worker (a checkpoint chunk, a batch of tokens)
-
-# Wire format: a message is a 4-byte tag and a little-endian uint64 payload size, then the payload.
-_HEADER = struct.Struct("<4sQ")
-CKPT, END, LOAD, BATCH, READY, LOGITS, FAIL = b"CKPT", b"END.", b"LOAD", b"BTCH", b"REDY", b"LGTS", b"FAIL"
 
 
 class EvaluationError(Exception):
@@ -83,6 +71,7 @@ class Channel(Protocol):
     def close(self) -> None: ...  # ends the worker and every process it started
 
 
+# ---- driver: holds the data, computes the metric -----------------------------------------------
 class Checkpoint:
     """A checkpoint as a stream of chunks (never held whole: it may be as large as CHECKPOINT_LIMIT)."""
 
@@ -96,154 +85,6 @@ class Checkpoint:
                 while chunk := f.read(CHUNK):
                     yield chunk
         return cls(chunks)
-
-
-# ---- worker: runs the agent's model, sees only inputs ------------------------------------------
-def _read_message(stream) -> tuple[bytes, bytes] | None:
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        return None
-    tag, size = _HEADER.unpack(header)
-    if size > REQUEST_LIMIT:
-        raise ValueError(f"a message of {size} bytes")
-    payload = stream.read(size)
-    return (tag, payload) if len(payload) == size else None
-
-
-def _write_message(stream, tag: bytes, payload: bytes = b"") -> None:
-    stream.write(_HEADER.pack(tag, len(payload)) + payload)
-    stream.flush()
-
-
-def worker(scratch: Path) -> int:
-    """The worker loop: receive the checkpoint, load the model when told, answer batches with logits.
-
-    The protocol uses private copies of stdin/stdout; fd 1 then points at stderr, so whatever the model
-    prints (print(), a C library) lands in the driver's bounded stderr tail, never in an answer."""
-    import torch  # first: a worker started ahead of need has imported it by the time the checkpoint comes
-    proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
-    proto_out = os.fdopen(os.dup(1), "wb")
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    os.dup2(2, 1)
-    reader = _BufferedReader(proto_in)
-
-    def fail(message: str) -> int:
-        _write_message(proto_out, FAIL, message.encode("utf-8", "replace")[:MESSAGE_LIMIT])
-        return 3
-
-    path = Path(tempfile.mkdtemp(dir=scratch)) / "ckpt.pt"
-    received = 0
-    with open(path, "wb") as out:
-        while (message := _read_message(reader)) is not None and message[0] == CKPT:
-            received += len(message[1])
-            if received > CHECKPOINT_LIMIT:
-                return fail(f"the checkpoint is over the {CHECKPOINT_LIMIT}-byte limit")
-            out.write(message[1])
-    if message is None or message[0] != END:
-        return 2  # the driver went away, or aborted the transfer
-    if (message := _read_message(reader)) is None or message[0] != LOAD:
-        return 2  # not needed after all (the driver stopped before this worker's turn)
-    device = json.loads(message[1])["device"]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    try:
-        model = load_model(path, device)
-    except Exception as exc:  # anything the agent's code raises is the model's failure, reported in one line
-        return fail(f"the model could not be loaded: {type(exc).__name__}: {exc}")
-    _write_message(proto_out, READY)
-    with torch.no_grad():
-        while (message := _read_message(reader)) is not None and message[0] == BATCH:
-            rows, cols = struct.unpack_from("<II", message[1])
-            batch = np.frombuffer(message[1], dtype=np.uint8, offset=8).reshape(rows, cols)
-            try:
-                logits = model(torch.from_numpy(batch.astype(np.int64)).to(device))
-            except Exception as exc:
-                return fail(f"the model's forward pass raised {type(exc).__name__}: {exc}")
-            if not isinstance(logits, torch.Tensor):
-                return fail(f"the model returned {type(logits).__name__}, expected a tensor of logits")
-            if tuple(logits.shape) != (rows, cols, VOCAB_SIZE):
-                return fail(f"the model returned logits of shape {tuple(logits.shape)}, "
-                            f"expected {(rows, cols, VOCAB_SIZE)}")
-            if not logits.is_floating_point():
-                return fail(f"the model returned {logits.dtype} logits, expected a floating-point tensor")
-            data = logits.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes()
-            proto_out.write(_HEADER.pack(LOGITS, len(data)))
-            proto_out.write(data)
-            proto_out.flush()
-    return 0
-
-
-class _BufferedReader:
-    """read(n) that returns n bytes unless the stream ends (a raw pipe returns short reads)."""
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def read(self, size: int) -> bytes:
-        parts, got = [], 0
-        while got < size:
-            chunk = self.raw.read(min(size - got, CHUNK))
-            if not chunk:
-                break
-            parts.append(chunk)
-            got += len(chunk)
-        return b"".join(parts)
-
-
-# ---- driver: holds the data, computes the metric -----------------------------------------------
-class ProcessChannel:
-    """A worker subprocess (bare use: `python -m trainer.evaluate`, tests). Its stderr is drained on a
-    thread into a bounded tail, so a model that floods it can neither block nor exhaust the driver."""
-
-    def __init__(self, argv: list[str], cwd: Path | None = None, user: str | None = None):
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     cwd=cwd, user=user, start_new_session=True)
-        self._tail: collections.deque[bytes] = collections.deque()
-        self._tail_bytes = 0
-        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._drain.start()
-
-    def _drain_stderr(self) -> None:
-        while chunk := self.proc.stderr.read1(65536):
-            self._tail.append(chunk)
-            self._tail_bytes += len(chunk)
-            while self._tail_bytes - len(self._tail[0]) >= STDERR_TAIL_BYTES:
-                self._tail_bytes -= len(self._tail.popleft())
-
-    def send(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def read_exact(self, size: int, deadline: float) -> bytes:
-        fd, parts, got = self.proc.stdout.fileno(), [], 0
-        while got < size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            if not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError
-            chunk = os.read(fd, min(size - got, CHUNK))
-            if not chunk:
-                break
-            parts.append(chunk)
-            got += len(chunk)
-        return b"".join(parts)
-
-    def stderr_tail(self) -> str:
-        return b"".join(self._tail)[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError, ValueError):
-                os.killpg(self.proc.pid, 9)  # its own session: the model's children go too
-            self.proc.wait()
-        self._drain.join(timeout=5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.close()
 
 
 def local_worker(user: str | None = None) -> Callable[[str], Channel]:
@@ -265,17 +106,17 @@ class _Worker:
 
     def send(self, tag: bytes, payload: bytes = b"") -> None:
         try:
-            self.channel.send(_HEADER.pack(tag, len(payload)) + payload)
+            self.channel.send(HEADER.pack(tag, len(payload)) + payload)
         except (OSError, ValueError):
             raise self._gone() from None
 
     def receive(self, expected: bytes, size: int | None, what: str) -> bytes:
         deadline = min(time.monotonic() + self.answer_timeout, self.deadline)
         try:
-            header = self.channel.read_exact(_HEADER.size, deadline)
-            if len(header) < _HEADER.size:
+            header = self.channel.read_exact(HEADER.size, deadline)
+            if len(header) < HEADER.size:
                 raise self._gone()
-            tag, length = _HEADER.unpack(header)
+            tag, length = HEADER.unpack(header)
             if tag == FAIL and length <= MESSAGE_LIMIT:
                 message = self.channel.read_exact(length, deadline).decode("utf-8", "replace")
                 raise EvaluationError(_one_line(message))

@@ -1,6 +1,6 @@
 """Train a small GPT on byte tokens for a fixed wall-clock budget.
 
-All of this file is the agent's to change; fixed: trainer/contract.py (what evaluation needs), prepare.py, evaluate.py.
+All of this file is the agent's to change; the rest of trainer/ is fixed (contract.py says what evaluation needs).
 
     python -m trainer.train --config cpu-tiny --data data/ --out out/
     python -m trainer.train --config gpu --data data/ --out out/ --time-budget 300
