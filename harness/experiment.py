@@ -92,7 +92,7 @@ class ExperimentJob:
     def run(self) -> Experiment:
         session, base = self.session, self.session.base
         parent_sources = session.sources(base.id) if base else session.root_sources()
-        experiment_id = session.begin_experiment(self.description)
+        experiment_id = session.begin_experiment(self.description, base)
         started = time.monotonic()
         self.fields = session.take_usage()
         with ThreadPoolExecutor(4, thread_name_prefix="experiment") as pool, _Standby() as standby:

@@ -77,7 +77,8 @@ def report(lab: Path) -> str:
         best = ledger.best()
         sessions = ledger.sessions()
         chain = ledger.lineage(best.id) if best else []
-        root_and_best = (ledger.sources(chain[0].id), ledger.sources(best.id)) if best else None
+        if best:
+            diff = unified_diff(ledger.sources(chain[0].id), ledger.sources(best.id), f"#{chain[0].id}", f"#{best.id}")
     counts = {status: sum(e.status == status for e in experiments) for status in ("keep", "discard", "crash", "timeout")}
     lines = [f"# labrat report: {Path(lab).resolve().name}", "",
              f"{len(experiments)} experiments in {len(sessions)} session(s): "
@@ -94,7 +95,6 @@ def report(lab: Path) -> str:
               "## Lineage of kept changes", "", "| # | val_bpb | change |", "|---|---|---|"]
     lines += [f"| {e.id} | {e.metric:.6f} | {' '.join(e.description.split())} |" for e in chain]
     root = chain[0]
-    diff = unified_diff(*root_and_best, f"#{root.id}", f"#{best.id}")
     lines += ["", f"## Diff of the best variant against the baseline (#{root.id})", "", "```diff",
               diff.rstrip("\n") or "(no change)", "```"]
     return "\n".join(lines) + "\n"

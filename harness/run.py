@@ -110,15 +110,6 @@ class LabRun:
 
     # -- shortcuts for callers that hold a run -----------------------------------------------------
     @property
-    def box(self):
-        """The working container (the workbench owns it)."""
-        return self.workbench.box
-
-    @property
-    def ledger(self):
-        return self.session.ledger
-
-    @property
     def lab_id(self) -> str:
         return self.session.lab_id
 

@@ -180,8 +180,8 @@ def test_a_session_under_gvisor(tmp_path, runtime, cleanup_snapshots):
     cleanup_snapshots.append(lab)
     config = LabConfig(time_budget=20, eval_tokens=4096, max_experiments=1, runtime=runtime)  # gVisor starts slower
     with LabRun(lab, config, agent="offline") as run:
-        assert client().api.inspect_container(run.box.container.id)["HostConfig"]["Runtime"] == "runsc"
-        assert run.box.exec("cat /data/train.bin | wc -c").stdout.strip() == str(run.data.meta["train_tokens"])
+        assert client().api.inspect_container(run.workbench.box.container.id)["HostConfig"]["Runtime"] == "runsc"
+        assert run.workbench.box.exec("cat /data/train.bin | wc -c").stdout.strip() == str(run.data.meta["train_tokens"])
         OfflineAgent(config).run(run.toolbox, run.view)
         [baseline] = run.session.session_experiments()
     assert baseline.status == "keep" and baseline.metric > run.data.floor_bpb
