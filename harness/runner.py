@@ -53,8 +53,8 @@ EVAL_FAILPOINTS = {"scoring": "train.checkpoint_copied", "judging": "eval.runnin
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
 
-EVALUATOR_FILES = ("trainer/__init__.py", "trainer/contract.py", "trainer/prepare.py", "trainer/evaluate.py",
-                   "trainer/eval_worker.py")
+EVALUATOR_FILES = ("trainer/__init__.py", "trainer/contract.py", "trainer/prepare.py", "trainer/synthetic.py",
+                   "trainer/evaluate.py", "trainer/eval_worker.py")
 Phase = Callable[[str, float | None], None]  # progress: (phase name, seconds allowed or None)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import contract, prepare
+from trainer import contract, prepare, synthetic
 
 MODELS = Path(__file__).parent / "models"
 SEED = 1337  # prepare()'s default source, the one the design doc's reference numbers are for
@@ -23,11 +23,11 @@ ORACLE_128, ORACLE_2048 = 0.678, 0.4685  # the design doc's oracle-style scores 
 
 
 @pytest.fixture(scope="module")
-def source() -> prepare.MarkovWordSource:
-    return prepare.MarkovWordSource.from_seed(SEED)
+def source() -> synthetic.MarkovWordSource:
+    return synthetic.MarkovWordSource.from_seed(SEED)
 
 
-def _tiny_source() -> prepare.MarkovWordSource:
+def _tiny_source() -> synthetic.MarkovWordSource:
     """Words that are prefixes and suffixes of each other, and a transition with impossible pairs."""
     words = [b"a", b"ab", b"b", b"bba"]
     rng = np.random.default_rng(0)
@@ -37,10 +37,10 @@ def _tiny_source() -> prepare.MarkovWordSource:
     stationary = np.full(len(words), 1.0 / len(words))
     for _ in range(1000):
         stationary = stationary @ transition
-    return prepare.MarkovWordSource(words, transition, stationary / stationary.sum())
+    return synthetic.MarkovWordSource(words, transition, stationary / stationary.sum())
 
 
-def _window_prefix_probs(source: prepare.MarkovWordSource, length: int) -> dict[bytes, float]:
+def _window_prefix_probs(source: synthetic.MarkovWordSource, length: int) -> dict[bytes, float]:
     """P(a window's first n bytes = s) for every s and n <= length, by enumerating every word sequence from
     every (word, position) a window can start at, weighted by the size-biased stationary law."""
     words, pi, transition = source.words, source.stationary, source.transition
@@ -115,7 +115,7 @@ def test_impossible_bytes_restart_the_filter_without_nan():
                 expected[byte] = prefixes.get(context + bytes([byte]), 0.0) / prefixes[context]
             np.testing.assert_allclose(np.exp(log_probs[n, t].astype(np.float64)), expected, atol=1e-6)
     assert restarts == [(0, 0), (0, 1), (0, 2), (0, 7), (1, 1), (2, 3), (3, 3)]
-    assert log_probs.min() == pytest.approx(np.log(prepare.EPSILON), abs=1e-3)
+    assert log_probs.min() == pytest.approx(np.log(synthetic.EPSILON), abs=1e-3)
 
 
 def test_distributions_are_normalised_and_causal(source):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import contract, prepare
+from trainer import contract, prepare, synthetic
 from trainer import evaluate as ev
 from trainer import train as tr
 
@@ -47,7 +47,7 @@ def test_synthetic_source_is_deterministic_and_has_a_floor(tmp_path):
 def test_evaluation_is_exact_on_the_true_distribution(data, tmp_path):
     """The oracle scores what a direct computation of the true log-probabilities says, and nears the floor."""
     meta = prepare.load_meta(data)
-    source = prepare.MarkovWordSource.from_seed(meta["seed"])
+    source = synthetic.MarkovWordSource.from_seed(meta["seed"])
     config = {"words": [w.decode() for w in source.words], "transition": source.transition.tolist(),
               "stationary": source.stationary.tolist()}
     ckpt = _checkpoint(tmp_path / "oracle.pt", MODELS / "oracle.py", config)

@@ -8,7 +8,7 @@ window's first space, so no honest model of any context length scores better in 
 
 import torch
 
-from trainer.prepare import MarkovWordSource
+from trainer.synthetic import MarkovWordSource
 
 
 class Bayes(torch.nn.Module):
