@@ -36,7 +36,7 @@ from harness.data import PreparedData
 from harness.image import REPO_ROOT
 from harness.text import last_lines
 from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxError
-from sandbox.policy import SandboxPolicy
+from sandbox.policy import WORKSPACE, SandboxPolicy
 from sandbox.process import SandboxProcess
 from sandbox.sandbox import Sandbox
 from sandbox.snapshots import Snapshot, SnapshotStore
@@ -208,18 +208,30 @@ class LocalExecutor:
     # -- training ----------------------------------------------------------------------------------
     def train(self, snapshot: Snapshot, phase: Phase = lambda name, seconds: None,
               timings: dict[str, float] | None = None, on_start: Callable[[], None] = lambda: None) -> TrainingResult:
-        """Train in a fresh container of the snapshot; `on_start` runs once that container is up (the
-        caller starts work that can overlap training then, not earlier: the engine starts containers
-        one at a time). When training succeeded, the result's container stays up until release(): the
+        """Train the snapshot's train.py in a fresh container of its base image; `on_start` runs once that
+        container is up (the caller starts work that can overlap training then, not earlier: the engine starts
+        containers one at a time). When training succeeded, the result's container stays up until release(): the
         checkpoint streams from it into the evaluation."""
-        out_dir = f"/workspace/.labrat-run-{secrets.token_hex(4)}"  # fresh: an old ckpt.pt can never be picked up
+        out_dir = f"{WORKSPACE}/.labrat-run-{secrets.token_hex(4)}"  # fresh: an old ckpt.pt can never be picked up
         limit = self.time_limit
         timings = {} if timings is None else timings
         with timed(timings, "train_start"):
-            box = self.store.restore(snapshot, self.work_policy, session=self.session_id, role="train")
+            try:
+                source = self.store.read_file(snapshot, f"{WORKSPACE}/{contract.TRAIN_SOURCE}",
+                                              contract.TRAIN_SOURCE_LIMIT, session=self.session_id)
+            except (FileMissing, PathRefused, FileTooLarge) as exc:
+                return TrainingResult(status="crash", log_tail="", seconds=0.0, peak_memory_bytes=None,
+                                      reason=f"nothing to train: {exc} (training receives {contract.TRAIN_SOURCE} "
+                                             f"alone, a regular file of at most {contract.TRAIN_SOURCE_LIMIT} bytes)")
+            # A fresh container of the snapshot's base image (the pristine sandbox image it stands on, so a rerun a
+            # month later trains on the same software) with only the candidate's train.py in it: nothing else the
+            # agent wrote (other files, its home, weights trained outside the budget) reaches training.
+            pristine = self.work_policy.model_copy(update={"image": snapshot.base_id})
+            box = Sandbox.start(pristine, session=self.session_id, role="train")
         failpoints.reach("train.container_started")
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(box.close_later)
+            box.write_file(contract.TRAIN_SOURCE, source)
             phase("training", limit)
             on_start()
             failpoints.reach("train.running")

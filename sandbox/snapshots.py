@@ -28,8 +28,8 @@ import requests.exceptions
 import structlog
 from pydantic import BaseModel
 
-from sandbox.engine import engine_errors, resolve_client
-from sandbox.errors import SandboxError, SnapshotMissing
+from sandbox.engine import engine_errors, owner_labels, remove_container, resolve_client
+from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxError, SnapshotMissing
 from sandbox.policy import SandboxPolicy
 from sandbox.sandbox import Sandbox
 
@@ -152,6 +152,36 @@ class SnapshotStore:
         self._require_present(snap)
         policy = (policy or SandboxPolicy()).model_copy(update={"image": snap.image_id})
         return Sandbox.start(policy, session=session, role=role, client=self.client)
+
+    def read_file(self, snapshot: Snapshot | str, path: str, max_bytes: int, *, session: str = "adhoc") -> bytes:
+        """The bytes of one regular file of a snapshot, read from a container that is created and never started:
+        nothing of the snapshot runs. A missing path, a link or another kind of file, or one over `max_bytes`
+        raises FileMissing, PathRefused or FileTooLarge."""
+        snap = self.get(snapshot) if isinstance(snapshot, str) else snapshot
+        self._require_present(snap)
+        api = self.client.api
+        with engine_errors():
+            container = api.create_container(snap.image_id, command=["true"], network_disabled=True,
+                                             labels=owner_labels(session, "read"))["Id"]
+        try:
+            with engine_errors():
+                try:
+                    stream, stat = api.get_archive(container, path)
+                except docker.errors.NotFound:
+                    raise FileMissing(f"{path} does not exist in snapshot {snap.name}") from None
+                # Go's FileMode: any type bit (directory, link, pipe, socket, device) is not a regular file.
+                if stat.get("linkTarget") or int(stat.get("mode", 0)) & _GO_MODE_TYPE_BITS:
+                    raise PathRefused(f"{path} in snapshot {snap.name} is not a regular file")
+                if int(stat.get("size", 0)) > max_bytes:
+                    raise FileTooLarge(f"{path} is {stat['size']} bytes, over the {max_bytes}-byte limit")
+                archive = b"".join(_capped(stream, max_bytes + 64 * 1024))
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                member = tar.next()
+                if member is None or not member.isfile():
+                    raise PathRefused(f"{path} in snapshot {snap.name} is not a regular file")
+                return tar.extractfile(member).read(max_bytes + 1)[:max_bytes]
+        finally:
+            remove_container(container, client=self.client)
 
     def _commit(self, container, labels: dict[str, str], name: str):
         # The image config keeps the base's Env/Cmd/WorkingDir; Labels are replaced, so the container's
@@ -387,3 +417,18 @@ def _chain(snap: Snapshot, by_id: dict[str, Snapshot]) -> list[Snapshot]:
 
 def _top_layer_bytes(image) -> int:
     return int(image.history()[0].get("Size") or 0)
+
+
+# Go's os.ModeType (directory, symlink, device, named pipe, socket, char device, irregular), as the engine's
+# stat of an archive path reports the mode.
+_GO_MODE_TYPE_BITS = 1 << 31 | 1 << 27 | 1 << 26 | 1 << 25 | 1 << 24 | 1 << 21 | 1 << 19
+
+
+def _capped(stream: Iterable[bytes], limit: int) -> Iterator[bytes]:
+    """The stream's chunks up to `limit` bytes in all; more is refused, never buffered."""
+    seen = 0
+    for chunk in stream:
+        seen += len(chunk)
+        if seen > limit:
+            raise FileTooLarge(f"the archive grew past {limit} bytes")
+        yield chunk

@@ -122,7 +122,7 @@ def test_the_training_core_is_read_only_but_train_py(box):
     result = box.exec("rm -f trainer/prepare.py; echo x >> trainer/contract.py; mv trainer/train.py trainer/t.py")
     assert result.exit_code != 0
     assert box.exec("ls trainer").stdout.split() == ["__init__.py", "contract.py", "eval_worker.py", "evaluate.py",
-                                                     "prepare.py", "train.py"]
+                                                     "hardware.py", "prepare.py", "synthetic.py", "train.py"]
 
 
 def test_listing_a_large_directory_is_complete_json(runc_box):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.engine import client
-from sandbox.errors import SandboxError, SnapshotMissing
+from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxError, SnapshotMissing
 from sandbox.sandbox import Sandbox
 from sandbox.snapshots import SnapshotStore
 from tests.conftest import LABRAT, SESSION
@@ -35,6 +35,23 @@ def test_round_trip_files_permissions_deletions_and_home(box, store, policy):
         assert lines[-1] == "cfg"
     assert snap.labels == {"experiment": "1", "seed": "7"}
     assert store.get(snap.name).image_id == snap.image_id
+
+
+def test_one_file_is_read_from_a_snapshot_without_running_it(runc_box, store):
+    runc_box.exec("printf 'x = 1\\n' > train.py && head -c 5000 /dev/zero > big && mkdir d && ln -s /etc/passwd link"
+                  " && mkfifo fifo")
+    snap = store.snapshot(runc_box, name=_name("readfile"))
+    containers_before = {c.id for c in client().containers.list(all=True)}
+    assert store.read_file(snap, "/workspace/train.py", 1024) == b"x = 1\n"
+    assert store.read_file(snap, "/workspace/big", 5000) == bytes(5000)
+    with pytest.raises(FileTooLarge, match="5000 bytes, over the 4999-byte limit"):
+        store.read_file(snap, "/workspace/big", 4999)
+    with pytest.raises(FileMissing, match="does not exist"):
+        store.read_file(snap, "/workspace/absent.py", 1024)
+    for path in ("/workspace/d", "/workspace/link", "/workspace/fifo"):  # never followed, never opened
+        with pytest.raises(PathRefused, match="not a regular file"):
+            store.read_file(snap, path, 1 << 20)
+    assert {c.id for c in client().containers.list(all=True)} == containers_before  # each reader removed
 
 
 def test_tmp_is_not_snapshotted(box, store, policy):

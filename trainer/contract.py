@@ -36,6 +36,12 @@ How the harness runs train.py (keep these working when rewriting it):
 (trainer.prepare.training_deadline reads it). The run is killed at the deadline; the experiment
 needs `<out>/ckpt.pt` when it exits 0. `<out>/summary.json` (the run's own numbers) is informational.
 
+**Training sees train.py and nothing else of the workspace.** It runs in a fresh container of the
+pristine image into which the harness copies the candidate's `trainer/train.py` (a regular file of at
+most TRAIN_SOURCE_LIMIT bytes) and nothing else the agent wrote: no other file, no home directory,
+no weights. Like the evaluation, training needs one self-contained file. This bounds what a run can
+bring from outside its budget (say, weights trained in the working container) to that file's bytes.
+
 Importing this module does not import torch: the evaluation driver runs in the harness's process,
 which has none. save_checkpoint and load_model import it when called.
 """
@@ -55,6 +61,8 @@ EVAL_SEQ_LENS = {"cpu-tiny": 128, "gpu": 2048}  # per size class, fixed so that 
 EVAL_SEQ_LEN = EVAL_SEQ_LENS["cpu-tiny"]  # the default of a bare evaluation
 CHECKPOINT_FILE = "ckpt.pt"
 CHECKPOINT_LIMIT = 2 * 1024**3  # bytes; the sandbox's per-file limit (RLIMIT_FSIZE) in training is the same
+TRAIN_SOURCE = "trainer/train.py"  # the one file of the workspace a training run receives
+TRAIN_SOURCE_LIMIT = 64 * 1024  # bytes: ~1,500 lines of code, and not a model's weights
 ENTRY_POINT = "build_model"
 MODEL_MODULE = "labrat_model"  # the module name the checkpoint's source runs under
 

@@ -107,6 +107,31 @@ def test_stretching_the_time_budget_ends_as_timeout(attack: Attacker):
     assert config.time_budget <= stretched.train_seconds < config.time_budget + 5
 
 
+def test_weights_made_outside_the_budget_never_reach_training(attack: Attacker):
+    """The cheapest way past any budget: train for as long as you like in the working container (bash sees
+    the training split), leave the weights in the workspace or the home directory, and have train.py start
+    from them. Training receives train.py alone, in a fresh container of the image."""
+    stash = attack.bash("python -c \"import torch; torch.save({'w': torch.ones(4)}, '/workspace/weights.pt')\" && "
+                        "cp /workspace/weights.pt ~/weights.pt && ls /workspace ~ && ls /data")
+    assert not stash.is_error and stash.text.count("weights.pt") == 2 and "train.bin" in stash.text, stash.text
+    attack.patch_train("    torch.manual_seed(seed)\n", "    torch.manual_seed(seed)\n    import glob\n"
+                       "    print('smuggled:', glob.glob('/workspace/**/*.pt', recursive=True) + glob.glob(os.path.expanduser"
+                       "('~/*.pt')), 'workspace:', sorted(os.listdir('/workspace')), flush=True)\n")
+    warm = attack.run_experiment("warm start from weights trained outside the budget")
+    assert "smuggled: [] workspace: ['trainer']" in warm.log_tail, warm.log_tail
+    assert warm.metric is not None  # it trained, from scratch, like everyone else
+
+
+def test_a_train_py_over_the_source_limit_is_not_trained(attack: Attacker):
+    """Weights can ride inside the source too; the source is capped, so what a run brings from outside its
+    budget is at most that many bytes."""
+    attack.patch_train(MAIN, f"WEIGHTS = '{'A' * contract.TRAIN_SOURCE_LIMIT}'\n\n\n{MAIN}")
+    heavy = attack.run_experiment("weights inside the source")
+    assert heavy.status == "crash" and heavy.metric is None
+    assert f"nothing to train: /workspace/{contract.TRAIN_SOURCE} is" in heavy.log_tail, heavy.log_tail
+    assert f"at most {contract.TRAIN_SOURCE_LIMIT} bytes" in heavy.log_tail
+
+
 def test_a_sparse_checkpoint_at_the_size_limit_streams_in_bounded_memory(tmp_path):
     """A 2 GiB sparse ckpt.pt costs the training container no disk; it must not cost the harness 2 GiB of
     memory on its way to the evaluation either (runc only: the measure is this process's peak RSS)."""
