@@ -1,4 +1,5 @@
 """`labrat doctor`: can this machine run labs, and run them safely? Each check returns one-line findings.
+The NVIDIA stack (driver, toolkit, gVisor's nvproxy) is harness/gpu_stack.py's.
 
 The checks use the real engine: they start a gVisor container, probe a GPU device request and run
 the hardened self-test in a default-policy sandbox, so a pass means the thing works, not that it
@@ -19,6 +20,7 @@ from harness.config import CONFIG_FILE, ConfigError, LabConfig, load_config
 from harness.engine_audit import (check_client_env, check_containers, check_daemon_config, check_dockerd_flags,
                                   check_engine_security, check_socket_mode, docker_host, local_socket)
 from harness.findings import Finding, Level
+from harness.gpu_stack import check_gpu_stack
 from harness.image import CPU_IMAGE, GPU_IMAGE
 from sandbox.engine import MIN_API_VERSION, RUNSC_HINT, EngineError, engine_info, engine_version
 from sandbox.errors import RuntimeUnavailable, SandboxError
@@ -278,6 +280,7 @@ def run_checks(lab: Path | None = None) -> Iterator[Finding]:
             present = image_exists(CPU_IMAGE)
         yield from _guarded("runsc", lambda: check_runsc(info, present, config))
         yield from _guarded("gpu", lambda: check_gpu(info, present, config))
+        yield from check_gpu_stack(info, config)
     yield from check_lab_disk(lab)
     if engine_up:
         yield from check_docker_disk(info)

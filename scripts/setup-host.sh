@@ -35,13 +35,17 @@ fi
 
 # Register gVisor as a Docker runtime: no network inside its sandbox either, and no in-sandbox
 # rootfs overlay, so files written in the container land in the writable layer `docker commit` reads.
+# On a host with an NVIDIA driver, --nvproxy too: GPU containers under gVisor reach the GPU through
+# its proxy driver (`labrat doctor` says whether this runsc supports the driver and GPU).
 daemon_json=/etc/docker/daemon.json
 runsc_path=$(command -v runsc || echo /usr/bin/runsc)
-changed=$(as_root python3 - "$daemon_json" "$runsc_path" <<'PY' || echo error
+nvproxy=no
+nvidia-smi -L >/dev/null 2>&1 && nvproxy=yes
+changed=$(as_root python3 - "$daemon_json" "$runsc_path" "$nvproxy" <<'PY' || echo error
 import json, os, sys
-path, runsc = sys.argv[1], sys.argv[2]
+path, runsc, nvproxy = sys.argv[1], sys.argv[2], sys.argv[3] == "yes"
 cfg = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
-want = {"path": runsc, "runtimeArgs": ["--network=none", "--overlay2=none"]}
+want = {"path": runsc, "runtimeArgs": ["--network=none", "--overlay2=none"] + (["--nvproxy"] if nvproxy else [])}
 if cfg.get("runtimes", {}).get("runsc") == want:
     print("no")
 else:

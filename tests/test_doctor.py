@@ -3,9 +3,11 @@
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import docker.errors
@@ -15,6 +17,8 @@ from harness.config import LabConfig
 from harness.doctor import check_gpu, check_hardening, check_lab_disk, check_layers
 from harness.engine_audit import check_containers, check_daemon_config, check_socket_mode, container_risks
 from harness.findings import Level
+from harness.gpu_stack import (GpuStack, check_gpu_stack, parse_gpus, parse_nvproxy_drivers, parse_toolkit_version,
+                               read_stack, stack_findings)
 from sandbox.engine import client, owner_labels
 from sandbox.policy import SandboxPolicy
 from tests.conftest import LABRAT, SESSION, _runsc_skip_reason
@@ -169,6 +173,70 @@ def test_gpu_lab_without_gpu_support_is_an_error(image):
     assert finding.level is Level.ERROR and "this lab sets gpus = 'all'" in finding.message, finding
     [finding] = check_gpu(client().info(), True, None)
     assert finding.level is Level.INFO, finding
+
+
+# The host tools' output formats, as they print them (this machine has no GPU to ask).
+NVIDIA_SMI_H100 = "NVIDIA H100 80GB HBM3, 550.54.15\nNVIDIA H100 80GB HBM3, 550.54.15\n"
+NVIDIA_SMI_H200 = "NVIDIA H200, 550.54.15\n"
+NVIDIA_CTK = "NVIDIA Container Toolkit CLI version {}\ncommit: f202b80a9b9d0db00d9b1d73c0128c8962c55f4d\n"
+NVIDIA_CONTAINER_CLI = "cli-version: {0}\nlib-version: {0}\nbuild date: 2024-07-23T14:57+00:00\n"
+
+
+def _real_nvproxy_drivers() -> set[str]:
+    """The list from this machine's own runsc, so the parser meets the real format."""
+    listed = subprocess.run(["runsc", "nvproxy", "list-supported-drivers"], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    drivers = parse_nvproxy_drivers(listed.stdout)
+    assert len(drivers) >= 3 and all(d.count(".") >= 1 for d in drivers), listed.stdout
+    return drivers
+
+
+def test_the_nvidia_stack_is_judged_from_the_tools_output():
+    supported = _real_nvproxy_drivers()
+    driver = sorted(supported)[0]
+    gpus = parse_gpus(NVIDIA_SMI_H100.replace("550.54.15", driver))
+    assert gpus == [("NVIDIA H100 80GB HBM3", driver)] * 2
+    assert parse_toolkit_version(NVIDIA_CTK.format("1.17.8")) == (1, 17, 8)
+    assert parse_toolkit_version(NVIDIA_CONTAINER_CLI.format("1.16.1")) == (1, 16, 1)
+    gvisor_gpu_lab = LabConfig(gpus="all", runtime="runsc")
+    nvproxy = ["--network=none", "--overlay2=none", "--nvproxy"]
+    good = GpuStack(gpus=gpus, toolkit=(1, 17, 8), runsc_args=nvproxy, nvproxy_drivers=supported)
+
+    def levels(stack, config=gvisor_gpu_lab):
+        return {f.check: (f.level, f.message) for f in stack_findings(stack, config)}
+
+    assert {check: level for check, (level, _) in levels(good).items()} == {
+        "nvidia": Level.OK, "toolkit": Level.OK, "nvproxy": Level.OK}
+    # A toolkit with known escapes is refused, naming the ones still open in it.
+    level, message = levels(replace(good, toolkit=(1, 17, 3)))["toolkit"]
+    assert level is Level.ERROR and "CVE-2025-23359" in message and "CVE-2025-23266" in message
+    assert "CVE-2024-0132" not in message and "upgrade to 1.17.8" in message
+    assert levels(replace(good, toolkit=None))["toolkit"][0] is Level.ERROR
+    assert levels(replace(good, toolkit=None), None)["toolkit"][0] is Level.WARN  # no GPU lab asked for it
+    # nvproxy: not registered, a driver runsc does not list, a GPU gVisor has not tested.
+    level, message = levels(replace(good, runsc_args=nvproxy[:2]))["nvproxy"]
+    assert level is Level.ERROR and "without --nvproxy" in message
+    assert levels(replace(good, runsc_args=nvproxy[:2]), LabConfig(gpus="all"))["nvproxy"][0] is Level.WARN  # runc lab
+    level, message = levels(replace(good, gpus=parse_gpus(NVIDIA_SMI_H100.replace("550.54.15", "999.1.2"))))["nvproxy"]
+    assert level is Level.ERROR and "does not support driver 999.1.2" in message
+    level, message = levels(replace(good, gpus=parse_gpus(NVIDIA_SMI_H200.replace("550.54.15", driver))))["nvproxy"]
+    assert level is Level.WARN and "not NVIDIA H200" in message
+    assert levels(replace(good, runsc_args=None))["nvproxy"][0] is Level.INFO
+    # No driver: an error only for a lab that asked for GPUs.
+    assert levels(replace(good, gpus=None))["nvidia"][0] is Level.ERROR
+    assert [(f.check, f.level) for f in stack_findings(replace(good, gpus=[]), None)] == [("nvidia", Level.INFO)]
+
+
+def test_this_hosts_nvidia_stack_is_read_from_its_tools(image):
+    stack = read_stack(client().info())
+    assert stack.nvproxy_drivers == _real_nvproxy_drivers()  # the registered runsc was asked
+    assert stack.runsc_args is not None and "--overlay2=none" in stack.runsc_args
+    findings = check_gpu_stack(client().info(), None)
+    if shutil.which("nvidia-smi") is None:  # CI and this VM: no driver, one line saying so
+        assert stack.gpus is None and [f.level for f in findings] == [Level.INFO]
+        assert "no NVIDIA driver" in findings[0].message
+    else:
+        assert findings[0].check == "nvidia"
 
 
 def test_daemon_json_and_socket_mode(tmp_path):
