@@ -157,7 +157,7 @@ def bench_exec(results: Results, policy: SandboxPolicy, n: int) -> None:
                 f"p50 <= {ms(EXEC_P50_TARGET_S)}" if gated else "(info)", (p50 <= EXEC_P50_TARGET_S) if gated else None,
                 p50_s=p50, p95_s=p95, exec_duration_p50_s=statistics.median(internal))
     results.add(section, "  of which ExecResult.duration p50", ms(statistics.median(internal)))
-    results.add(section, f"host subprocess.run(['true']) p50 / p95", f"{ms(h50)} / {ms(h95)}", p50_s=h50, p95_s=h95)
+    results.add(section, "host subprocess.run(['true']) p50 / p95", f"{ms(h50)} / {ms(h95)}", p50_s=h50, p95_s=h95)
     results.add(section, "ratio sandbox / host (p50, p95)", f"{p50 / h50:.1f}x, {p95 / h95:.1f}x",
                 ratio_p50=p50 / h50, ratio_p95=p95 / h95)
 

@@ -15,6 +15,11 @@ class ConfigError(Exception):
     """labrat.toml is missing, unparsable, or has an invalid value; the message names the key."""
 
 
+SIZE_CLASS_DEFAULTS = {
+    "gpu": {"time_budget": 300.0, "memory_gb": 32.0, "disk_gb": 8.0, "eval_tokens": 2_097_152, "eval_timeout": 900.0},
+}
+
+
 class LabConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -39,6 +44,15 @@ class LabConfig(BaseModel):
     eval_tokens: int = Field(131_072, ge=1024, description="held-out tokens scored per evaluation")
     eval_timeout: float = Field(600.0, gt=0, description="seconds the evaluation may take")
     max_tool_calls: int = Field(40, ge=1, description="agent tool calls allowed between two experiments")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_class_defaults(cls, values):
+        # A key left out takes its size class's default: the gpu config needs more memory (CUDA, inductor's
+        # compile workers), a longer budget and more held-out tokens for a standard error below 0.001 bpb.
+        if isinstance(values, dict):
+            values = {**SIZE_CLASS_DEFAULTS.get(values.get("trainer_config", "cpu-tiny"), {}), **values}
+        return values
 
     @model_validator(mode="before")
     @classmethod

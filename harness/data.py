@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from harness.config import LabConfig
-from trainer.prepare import DataError, load_meta, prepare
+from trainer.prepare import SYNTH_BYTES, DataError, load_meta, prepare
 
 DATA_DIR = "data"
 KEY_FILE = "key.json"
@@ -38,7 +38,10 @@ class PreparedData(BaseModel):
 def ensure_data(lab: Path, config: LabConfig, on_step=lambda line: None) -> PreparedData:
     """Prepare the lab's data once (again only when `data`, `data_sha256` or `seed` change)."""
     root = Path(lab) / DATA_DIR
+    train_bytes, val_bytes = SYNTH_BYTES[config.trainer_config]
     key = {"data": config.data, "sha256": config.data_sha256, "seed": config.seed}
+    if config.data == "synthetic" and config.trainer_config != "cpu-tiny":  # (cpu-tiny labs keep their old key)
+        key["synthetic_bytes"] = [train_bytes, val_bytes]
     train_dir, heldout_dir = root / "train", root / "heldout"
     key_file = root / KEY_FILE
     if not (key_file.exists() and json.loads(key_file.read_text()) == key and (heldout_dir / "val.bin").exists()):
@@ -46,7 +49,7 @@ def ensure_data(lab: Path, config: LabConfig, on_step=lambda line: None) -> Prep
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root) as scratch:
             try:
-                meta = prepare(Path(scratch), config.data, config.seed, config.data_sha256)
+                meta = prepare(Path(scratch), config.data, config.seed, config.data_sha256, train_bytes, val_bytes)
             except DataError as exc:
                 raise DataError(f"data = {config.data!r}: {exc}") from None
             for directory in (train_dir, heldout_dir):

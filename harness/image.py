@@ -120,7 +120,7 @@ def build_image(gpu: bool = False, base: str | None = None, tag: str | None = No
     """Build the CPU (or GPU) sandbox image; a no-op when an image of the same context already exists."""
     tag = tag or (GPU_IMAGE if gpu else CPU_IMAGE)
     dockerfile = REPO_ROOT / ("Dockerfile.gpu" if gpu else "Dockerfile")
-    if base is None and not gpu:
+    if base is None:
         base = ensure_base_image(on_step=on_step)
     wheelhouse = ensure_wheelhouse(on_step=on_step)
     return build_dockerfile(tag, _context(dockerfile, wheelhouse), base=base,

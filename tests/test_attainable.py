@@ -215,3 +215,23 @@ def _load(path: Path, checkpoint: dict) -> torch.nn.Module:
     """The model of a checkpoint (model source, config, no weights), rebuilt as the evaluator's worker does."""
     torch.save(checkpoint, path)
     return contract.load_model(path)
+
+
+def test_the_fast_sampler_writes_the_words_it_drew(source):
+    # The sampler spells words with a padded table (numpy speed, for a GPU-sized corpus); the bytes must be
+    # exactly those of joining the drawn words, and the stream must still be the chain's.
+    ids = np.random.default_rng(0).integers(0, len(source.words), 50_000).astype(np.int16)
+    joined = b"".join(source.words[i] + b" " for i in ids)
+    assert source._spell(ids, len(joined)).tobytes() == joined
+    assert source._spell(ids, 1000).tobytes() == joined[:1000]
+    text = source.sample(200_000, seed=9).tobytes()
+    words = text.split(b" ")[1:-1]  # whole words only
+    assert set(words) <= set(source.words) and len(set(words)) > len(source.words) // 2
+
+
+def test_the_default_corpus_is_the_one_every_recorded_lab_was_prepared_with(tmp_path):
+    # Reproductions compare data checksums: a faster sampler must not change a single byte of the default
+    # corpus (these are the checksums of the corpus the first sampler wrote, seed 1337).
+    meta = prepare.prepare(tmp_path, seed=1337)
+    assert meta["train_sha256"] == "a4c9bbd4045902b092697a91c4482b0dd5f1537fb2a0a58b70a371a3557b289a"
+    assert meta["val_sha256"] == "60a8b1b9e56a9731784c3ab05d60a69363f730d4089a373dd4f4d2d64a3280aa"

@@ -155,8 +155,9 @@ def test_scripted_session_edits_runs_and_accounts_tokens(lab, fake_anthropic):
     write_config(lab, model="claude-opus-4-5")  # $5 / $25 per million tokens
     fake.script(
         reply(tool(EDITOR, {"command": "view", "path": TRAIN}), text="Let me read the trainer first."),
-        reply(tool(EDITOR, {"command": "str_replace", "path": TRAIN, "old_str": "lr=5e-3,", "new_str": "lr=1e-2,"})),
-        reply(tool("run_experiment", {"description": "lr 5e-3 -> 1e-2: learn faster in a 3 s budget"})),
+        reply(tool(EDITOR, {"command": "str_replace", "path": TRAIN,
+                            "old_str": "embed_lr=0.3,", "new_str": "embed_lr=0.5,"})),
+        reply(tool("run_experiment", {"description": "embed_lr 0.3 -> 0.5: learn faster in a 3 s budget"})),
     )
     outcome = run_session(lab)
 
@@ -180,17 +181,19 @@ def test_scripted_session_edits_runs_and_accounts_tokens(lab, fake_anthropic):
             f".messages[{len(body['messages']) - 1}].content[{len(body['messages'][-1]['content']) - 1}]"])
     # The transcript: the view's result (numbered lines) and the edit's confirmation went back as tool results.
     view, = results_for(fake, 1)
-    assert not view["is_error"] and "lr=5e-3" in view["content"] and "\t" in view["content"]
+    assert not view["is_error"] and "embed_lr=0.3," in view["content"] and "\t" in view["content"]
     edit, = results_for(fake, 2)
-    assert not edit["is_error"] and "edited trainer/train.py" in edit["content"] and "lr=1e-2" in edit["content"]
+    assert not edit["is_error"] and "edited trainer/train.py" in edit["content"] and "embed_lr=0.5," in edit["content"]
     assert [m["role"] for m in third["messages"]] == ["user", "assistant", "user", "assistant", "user"]
     assert third["messages"][1]["content"][0] == {"type": "text", "text": "Let me read the trainer first."}
 
     ledger = ledger_of(lab)
     experiment, = ledger.experiments()
     assert experiment.status == "keep" and experiment.metric is not None
-    assert experiment.description == "lr 5e-3 -> 1e-2: learn faster in a 3 s budget"
-    assert "-        lr=5e-3," in experiment.diff and "+        lr=1e-2," in experiment.diff
+    assert experiment.description == "embed_lr 0.3 -> 0.5: learn faster in a 3 s budget"
+    changed = [line for line in experiment.diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert len(changed) == 2 and "embed_lr=0.3," in changed[0]
+    assert changed[1] == "+" + changed[0][1:].replace("embed_lr=0.3,", "embed_lr=0.5,")
     # Tokens and cost: every response's usage, cache writes and reads included, went to the experiment.
     usages = [body["usage"] for body in fake.replies]
     assert all(u["cache_read_input_tokens"] > 0 for u in usages[1:])  # the fake emulates the cache

@@ -1,5 +1,6 @@
 """Image building: idempotent, offline, and Dockerfile.gpu checked on the local base (no CUDA image here)."""
 
+import json
 import tarfile
 
 import pytest
@@ -35,14 +36,33 @@ def test_cpu_image_contents(image):
     assert "/wheelhouse" not in history.replace("--find-links /wheelhouse", "")
 
 
+# The gpu config's code path, shrunk to run in seconds on a CPU: bf16 autocast and torch.compile on.
+GPU_PATH_ON_CPU = ["--config", "gpu", "--device", "cpu", "--steps", "3", "--set", "n_layer=1", "--set", "n_embd=64",
+                   "--set", "n_head=2", "--set", "seq_len=64", "--set", "batch_size=2"]
+
+
 @pytest.mark.slow
-def test_gpu_dockerfile_builds_on_the_local_base():
+def test_gpu_image_builds_on_the_local_base_and_compiles_the_gpu_config_offline():
+    """A PyTorch runtime image has no C compiler, so the first compiled step crashed ("Failed to find C
+    compiler"). The GPU image carries one: its compiled code path runs here on CPU, as the agent's user,
+    with no network, in the sandbox."""
     tag = f"labrat-sandbox:gpu-check-{SESSION}"
     try:
         assert build_image(gpu=True, base=BASE_IMAGE, tag=tag, on_step=lambda line: None) == tag
-        with Sandbox.start(SandboxPolicy(image=tag), session=SESSION) as box:
+        with Sandbox.start(SandboxPolicy(image=tag, memory_bytes=4 << 30), session=SESSION) as box:
             result = box.exec("python -c 'import torch; print(torch.__version__)'; id -un; echo $NVIDIA_VISIBLE_DEVICES")
-            assert result.stdout.split() == ["2.13.0+cpu", "agent", "all"]
+            assert result.stdout.split() == ["2.13.0+cpu", "agent", "all"]  # the same torch as the CPU image
+            prepared = box.exec("python -m trainer.prepare --out /tmp/data --train-bytes 200000 --val-bytes 20000")
+            assert prepared.ok, prepared.stderr
+            trained = box.exec(["python", "-m", "trainer.train", "--data", "/tmp/data", "--out", "/tmp/out",
+                                *GPU_PATH_ON_CPU], timeout=900)
+            assert trained.ok, trained.stderr[-3000:]
+            summary = json.loads(box.exec("cat /tmp/out/summary.json").stdout)
+            assert summary["compiled"] is True and summary["steps"] == 3 and summary["config"]["dtype"] == "bfloat16"
+            assert "(compiled)" in trained.stdout
+            # Compiled means inductor generated and built C++ here: its cache holds the compiled kernels.
+            built = box.exec("find /tmp -name '*.so' -path '*torchinductor*' | head -1")
+            assert built.stdout.strip(), "inductor left no compiled kernel"
     finally:
         client().images.remove(tag, force=True)
 

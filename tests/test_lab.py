@@ -46,3 +46,14 @@ def test_cli_init_and_its_one_line_refusal(tmp_path):
     assert again.returncode == 2
     assert again.stderr.strip().startswith("labrat: error:") and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_a_gpu_lab_gets_the_gpu_size_class_defaults_unless_it_sets_them(tmp_path):
+    # 4 GB could not hold CUDA and inductor's compile workers; 131k held-out tokens at seq 2048 give a
+    # standard error (~0.0035 bpb) larger than most improvements.
+    (tmp_path / "labrat.toml").write_text('trainer_config = "gpu"\nmemory_gb = 12\n')
+    config = load_config(tmp_path)
+    assert config.memory_gb == 12  # what the lab says wins
+    assert (config.time_budget, config.eval_tokens) == (300.0, 2_097_152)
+    assert LabConfig().memory_gb == 4.0 and LabConfig().eval_tokens == 131_072  # cpu-tiny unchanged
+

@@ -109,6 +109,9 @@ def test_deterministic_mode_is_bit_identical(data, tmp_path):
 
 def test_the_model_is_causal_by_construction():
     model = tr.build_model(dict(TINY)).eval()
+    torch.manual_seed(0)
+    for p in model.parameters():  # the shipped init zeroes the head and the residual projections
+        torch.nn.init.normal_(p, std=0.2)
     x = torch.randint(0, 256, (2, 16))
     y = x.clone()
     y[:, 9:] = torch.randint(0, 256, (2, 7))
@@ -118,6 +121,28 @@ def test_the_model_is_causal_by_construction():
 
 
 # ---- the contract between train.py and the evaluator ---------------------------------------------
+@pytest.mark.parametrize("shape", [(128, 384), (512, 128)])  # wide and tall: the iteration runs on the short side
+def test_train_pys_muon_is_torchs_rule_in_float32(shape):
+    """train.py carries its own Muon because torch.optim.Muon orthogonalizes in bfloat16 even on a CPU (slow
+    there); the rule must stay torch's, so after a few steps the two differ only by bfloat16 rounding."""
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(shape))
+    reference = torch.nn.Parameter(ours.detach().clone())
+    steppers = (tr.Muon([ours], lr=0.02),
+                torch.optim.Muon([reference], lr=0.02, momentum=tr.MUON_MOMENTUM, weight_decay=0.0,
+                                 adjust_lr_fn="original"))
+    start = ours.detach().clone()
+    for _ in range(3):
+        grad = torch.randn(shape)
+        ours.grad, reference.grad = grad.clone(), grad.clone()
+        for stepper in steppers:
+            stepper.step()
+    moved = (reference - start).abs().max().item()
+    assert moved > 0.001  # the comparison means something: both moved
+    assert (ours - reference).abs().max().item() < 0.02 * moved
+    assert tr.orthogonalize(torch.randn(shape)).dtype == torch.float32
+
+
 def test_a_checkpoint_saved_by_the_contract_loads_as_the_same_model(tmp_path):
     model = tr.build_model(dict(TINY)).eval()
     path = contract.save_checkpoint(tmp_path / "out", model, dict(TINY), source_file=ROOT / "trainer" / "train.py")

@@ -32,6 +32,9 @@ from trainer.synthetic import ATTAINABLE_WINDOWS, MarkovWordSource
 # ---- knobs -------------------------------------------------------------------------------------
 SYNTH_TRAIN_BYTES = 4_000_000
 SYNTH_VAL_BYTES = 262_144
+# Synthetic corpus sizes (train, held-out bytes) per size class (trainer/contract.py's EVAL_SEQ_LENS): a GPU
+# trains ~1 M tokens/s, so 4 MB would be 75 epochs of one 300 s run; 1 GB is about 3 (~1 minute to generate).
+SYNTH_BYTES = {"cpu-tiny": (SYNTH_TRAIN_BYTES, SYNTH_VAL_BYTES), "gpu": (1_000_000_000, 8_388_608)}
 REAL_VAL_FRACTION = 0.05  # of a real corpus, the tail held out for validation
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".tex", ".csv", ".json", ".html"}
 PARQUET_TEXT_COLUMN = "text"  # the column read from .parquet shards (FineWeb-style)

@@ -4,7 +4,7 @@ It works through the same tools as a language model: it views trainer/train.py w
 rewrites one knob of the lab's config block with str_replace, and calls run_experiment. The
 harness keeps or discards the result exactly as for any other agent. The search repeats a move
 that was just kept (momentum), never retries a move already tried from the same base, and
-prefers the learning rate, the knob that matters most at small budgets.
+prefers the matrices' learning rate, the knob that matters most at small budgets.
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ log = structlog.get_logger(__name__)
 TRAIN_FILE = "trainer/train.py"
 # knob -> (moves as multipliers or absolute candidates, lower bound, upper bound, prior weight)
 MOVES: dict[str, tuple[tuple[float, ...], float, float, float]] = {
-    "lr": ((2.0, 0.5), 1e-4, 5e-2, 3.0),
+    "matrix_lr": ((2.0, 0.5), 1e-3, 0.2, 3.0),  # Muon's rate for the blocks' matrices
+    "embed_lr": ((2.0, 0.5), 1e-2, 2.0, 1.0),
+    "head_lr": ((2.0, 0.5), 1e-4, 0.1, 1.0),
     "batch_size": ((2.0, 0.5), 4, 128, 1.0),
     "n_embd": ((1.5, 2 / 3), 32, 512, 1.0),
     "n_layer": ((+1, -1), 1, 8, 1.0),
-    "warmup_frac": ((0.0, 0.05, 0.1), 0.0, 0.2, 0.5),
+    "warmdown_frac": ((0.2, 0.35, 0.5, 0.7), 0.0, 1.0, 0.5),
     "final_lr_frac": ((0.0, 0.05, 0.2), 0.0, 0.5, 0.5),
-    "weight_decay": ((0.0, 0.05, 0.2), 0.0, 0.5, 0.5),
     "mlp_ratio": ((2, 3, 4, 6), 1, 8, 0.5),
 }
 ADDITIVE = {"n_layer"}
-ABSOLUTE = {"warmup_frac", "final_lr_frac", "weight_decay", "mlp_ratio"}
+ABSOLUTE = {"warmdown_frac", "final_lr_frac", "mlp_ratio"}
 DESCRIPTION = re.compile(r"^(\w+): (\S+) -> (\S+)")
 
 

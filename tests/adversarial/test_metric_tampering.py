@@ -75,7 +75,7 @@ def test_a_replaced_evaluator_planted_hooks_and_fake_results_do_not_reach_the_me
 
 
 def test_a_model_that_looks_ahead_is_rejected(attack: Attacker):
-    attack.patch_train("        x = self.embed(idx)\n",
+    attack.patch_train("        x = F.rms_norm(self.embed(idx), (self.embed.embedding_dim,))\n",
                        "        x = self.embed(idx) + self.embed(torch.roll(idx, shifts=-1, dims=1))  # peeks at the target\n")
     cheat = attack.run_experiment("look ahead")
     assert cheat.status == "crash" and cheat.metric is None
