@@ -60,8 +60,9 @@ def test_gpu_image_builds_on_the_local_base_and_compiles_the_gpu_config_offline(
             summary = json.loads(box.exec("cat /tmp/out/summary.json").stdout)
             assert summary["compiled"] is True and summary["steps"] == 3 and summary["config"]["dtype"] == "bfloat16"
             assert "(compiled)" in trained.stdout
-            # Compiled means inductor generated and built C++ here: its cache holds the compiled kernels.
-            built = box.exec("find /tmp -name '*.so' -path '*torchinductor*' | head -1")
+            # Compiled means inductor generated and built C++ here, and loaded it: the sandbox's /tmp is noexec,
+            # so its cache is in the agent's home (Dockerfile.gpu), which holds the compiled kernels.
+            built = box.exec("find /home/agent/.cache/torchinductor -name '*.so' | head -1")
             assert built.stdout.strip(), "inductor left no compiled kernel"
     finally:
         client().images.remove(tag, force=True)
