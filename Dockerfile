@@ -18,12 +18,16 @@ RUN useradd --create-home --home-dir /home/agent --uid 1000 --user-group --shell
  && mkdir -p /workspace && chown agent:agent /workspace \
  && find / -xdev -type d -perm -0002 ! -path /tmp -exec chmod o-w {} + \
  && rm -rf /var/tmp && ln -s /tmp /var/tmp
+# Compiled kernels (torch.compile on CPU too) are shared objects that must be mapped executable: the
+# sandbox's /tmp is noexec, so inductor's and Triton's caches live in the agent's home, as in Dockerfile.gpu.
 # glibc malloc keeps freed tensor memory instead of returning it with munmap: each mmap/munmap is a
 # syscall, and under gVisor a costly one (cpu-tiny training: 0.78x bare without this, ~0.95x with it).
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/home/agent \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    TORCHINDUCTOR_CACHE_DIR=/home/agent/.cache/torchinductor \
+    TRITON_CACHE_DIR=/home/agent/.cache/triton \
     MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_TRIM_THRESHOLD_=4294967296 \
     MALLOC_TOP_PAD_=268435456

@@ -43,6 +43,8 @@ class LabConfig(BaseModel):
     cpus: float | None = Field(None, gt=0)
     eval_tokens: int = Field(131_072, ge=1024, description="held-out tokens scored per evaluation")
     eval_timeout: float = Field(600.0, gt=0, description="seconds the evaluation may take")
+    compile_cache_mb: int = Field(0, ge=0, description="MiB of inductor/Triton compile cache kept between training "
+                                  "runs (0: off; on, a warm run trains longer and runs can pass data: docs/security.md)")
     max_tool_calls: int = Field(40, ge=1, description="agent tool calls allowed between two experiments")
 
     @model_validator(mode="before")

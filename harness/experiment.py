@@ -148,7 +148,7 @@ class ExperimentJob:
         phase, fields = self.session.progress.phase, self.fields
         with self.executor.train(snapshot, phase=phase, timings=self.timings, on_start=while_training) as trained:
             fields.update(train_seconds=trained.seconds, memory_bytes=trained.peak_memory_bytes,
-                          log_tail=trained.log_tail)
+                          log_tail=trained.log_tail, compile_cache=trained.compile_cache)
             if trained.status != "ok":
                 fields["log_tail"] = f"{trained.reason}\n{trained.log_tail}"
                 return trained.status

@@ -15,6 +15,7 @@ from harness.ledger import Experiment, Ledger
 LEDGER_FILE = "ledger.db"
 LOCK_FILE = ".labrat.lock"
 PROGRAM_FILE = "program.md"
+COMPILE_CACHE_FILE = "cache/compile.tar"  # the lab's compile cache, when labrat.toml's compile_cache_mb turns it on
 PROGRAM = """# Research program
 
 You are improving `trainer/train.py`, a small byte-level GPT, to lower **val_bpb** (bits per byte on
@@ -89,6 +90,10 @@ def read_program(path: Path) -> str:
     """The lab's research instructions (program.md), or the default ones if the file was removed."""
     program = Path(path) / PROGRAM_FILE
     return program.read_text() if program.exists() else PROGRAM
+
+
+def lab_compile_cache(path: Path) -> Path:
+    return Path(path) / COMPILE_CACHE_FILE
 
 
 def open_ledger(path: Path) -> Ledger:

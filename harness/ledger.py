@@ -26,7 +26,8 @@ SCHEMA_VERSION = 2
 ADDED_COLUMNS = {
     "sessions": ["resumable INTEGER NOT NULL DEFAULT 1", "base_experiment_id INTEGER REFERENCES experiments(id)",
                  "root_sources_json TEXT"],
-    "experiments": ["eval_json TEXT", "sources_json TEXT", "train_seconds REAL", "timings_json TEXT"],
+    "experiments": ["eval_json TEXT", "sources_json TEXT", "train_seconds REAL", "timings_json TEXT",
+                    "compile_cache TEXT"],
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     sources_json TEXT,
     train_seconds REAL,
     timings_json TEXT,
+    compile_cache TEXT,
     started_at TEXT NOT NULL,
     finished_at TEXT
 );
@@ -126,6 +128,7 @@ class Experiment(BaseModel):
     sources_json: str | None = None  # {path: text} of the workspace's source files at this experiment
     train_seconds: float | None = None  # wall-clock seconds of the training process, host clock
     timings_json: str | None = None  # {phase: seconds}: snapshot, train_start, train, eval_start, eval, ...
+    compile_cache: str | None = None  # off | cold | warm: whether training started with the lab's compile cache
     started_at: str
     finished_at: str | None = None
 

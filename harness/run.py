@@ -20,6 +20,7 @@ from harness.config import LabConfig
 from harness.data import ensure_data
 from harness.experiment import ExperimentJob
 from harness.image import build_image
+from harness.lab import lab_compile_cache
 from harness.ledger import Experiment
 from harness.runner import LocalExecutor
 from harness.session import LabView, Session, closing_reason
@@ -65,7 +66,8 @@ class LabRun:
         self.image = build_image(gpu=bool(self.config.gpus), on_step=self.on_step)
         self.data = ensure_data(self.lab, self.config, on_step=self.on_step)
         session.start_row()
-        self.executor = LocalExecutor(self.config, self.image, self.data, self.store, session.session_id)
+        self.executor = LocalExecutor(self.config, self.image, self.data, self.store, session.session_id,
+                                      compile_cache=lab_compile_cache(self.lab))
         self.workbench = Workbench(self.executor.start_work_box, session.session_id,
                                    base=lambda: base.snapshot if (base := session.base) else None)
         self.workbench.start()

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Literal
 
 import structlog
@@ -35,7 +36,7 @@ from harness.config import LabConfig
 from harness.data import PreparedData
 from harness.image import REPO_ROOT
 from harness.text import last_lines
-from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxError
+from sandbox.errors import EngineUnavailable, FileMissing, FileTooLarge, PathRefused, SandboxError
 from sandbox.policy import WORKSPACE, SandboxPolicy
 from sandbox.process import SandboxProcess
 from sandbox.sandbox import Sandbox
@@ -47,6 +48,9 @@ from trainer.prepare import TRAIN_DEADLINE_ENV, load_tokens
 log = structlog.get_logger(__name__)
 
 TRAIN_DATA = "/data"  # where the training split is mounted, read-only
+COMPILE_CACHE_DIR = ".labrat-cache"  # in a training container's workspace: inductor's and Triton's caches, when on
+COMPILE_CACHE_ENV = {"TORCHINDUCTOR_CACHE_DIR": f"{WORKSPACE}/{COMPILE_CACHE_DIR}/torchinductor",
+                     "TRITON_CACHE_DIR": f"{WORKSPACE}/{COMPILE_CACHE_DIR}/triton"}
 WORKER = ["python", "-m", "trainer.evaluate", "--worker", "/tmp"]  # the image's pristine evaluator, as the agent
 _READER = ThreadPoolExecutor(2, thread_name_prefix="train-summary")  # summary.json, off the critical path
 EVAL_FAILPOINTS = {"scoring": "train.checkpoint_copied", "judging": "eval.running"}  # evaluation phase -> point
@@ -68,6 +72,8 @@ class TrainingResult:
     checkpoint: ev.Checkpoint | None = None  # streams ckpt.pt out of the training container, which stays up for it
     box: Sandbox | None = None
     summary_read: Future | None = None  # summary.json, read while the evaluation runs
+    compile_cache: Literal["off", "cold", "warm"] = "off"  # whether training found the lab's compile cache
+    save_cache: Callable[[Sandbox], None] | None = None  # offers the run's compile cache, then closes the box
 
     @property
     def summary(self) -> dict | None:
@@ -82,7 +88,10 @@ class TrainingResult:
         if self.box is not None:
             if self.summary_read is not None:
                 futures.wait([self.summary_read])
-            self.box.close_later()
+            if self.save_cache is not None:  # after the checkpoint's stream: closing a spawn ends the user's processes
+                self.save_cache(self.box)
+            else:
+                self.box.close_later()
             self.box = None
 
     def __enter__(self) -> TrainingResult:
@@ -157,8 +166,12 @@ class LocalExecutor:
     """Runs experiments on the local Docker engine (harness/experiment.py's Executor): snapshots, trains and
     evaluates under one lab's configuration, and starts its working containers."""
 
-    def __init__(self, config: LabConfig, image: str, data: PreparedData, store: SnapshotStore, session_id: str):
+    def __init__(self, config: LabConfig, image: str, data: PreparedData, store: SnapshotStore, session_id: str,
+                 compile_cache: Path | None = None):
         self.config = config
+        # The lab's compile cache (a tar of inductor's and Triton's caches), used when the config turns it on.
+        self.compile_cache = compile_cache if config.compile_cache_mb else None
+        self._cache_saved: Future | None = None  # the last run's cache, on its way out of its container
         self.image = image
         self.data = data
         self.store = store
@@ -232,16 +245,19 @@ class LocalExecutor:
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(box.close_later)
             box.write_file(contract.TRAIN_SOURCE, source)
+            with timed(timings, "train_start"):
+                cache = self._load_compile_cache(box)
             phase("training", limit)
             on_start()
             failpoints.reach("train.running")
             # The deadline is the host's: train.py is told it, and the host kills the run there, not later.
-            deadline = {TRAIN_DEADLINE_ENV: f"{time.time() + limit:.3f}"}
+            env = {TRAIN_DEADLINE_ENV: f"{time.time() + limit:.3f}", **(COMPILE_CACHE_ENV if cache != "off" else {})}
             with timed(timings, "train"):
-                run = box.exec(self.train_command(out_dir), timeout=limit, env=deadline)
+                run = box.exec(self.train_command(out_dir), timeout=limit, env=env)
             failpoints.reach("train.finished")
             log_text = run.stdout + ("\n" + run.stderr if run.stderr.strip() else "")
-            base = dict(log_tail=tail(log_text), seconds=round(run.duration, 3), peak_memory_bytes=box.peak_memory_bytes())
+            base = dict(log_tail=tail(log_text), seconds=round(run.duration, 3), peak_memory_bytes=box.peak_memory_bytes(),
+                        compile_cache=cache)
             if run.limit == "timeout":
                 return TrainingResult(status="timeout", reason=f"training ran past its {limit:g} s budget (all-in, "
                                       "host clock) and was killed", **base)
@@ -256,7 +272,52 @@ class LocalExecutor:
             cleanup.pop_all()  # the container outlives this block: the checkpoint streams from it
         checkpoint = ev.Checkpoint(lambda: _checkpoint_chunks(box, f"{out_dir}/ckpt.pt"))
         return TrainingResult(status="ok", checkpoint=checkpoint, box=box, **base,
-                              summary_read=_READER.submit(box.read_text, f"{out_dir}/summary.json", 1 << 20))
+                              summary_read=_READER.submit(box.read_text, f"{out_dir}/summary.json", 1 << 20),
+                              save_cache=self._offer_compile_cache if cache != "off" else None)
+
+    # -- the compile cache -------------------------------------------------------------------------
+    # Opt-in (compile_cache_mb): it saves GPU runs their compile time, but it is a channel between training runs
+    # (bounded by its size) and makes budgets unequal (a warm run trains longer): docs/security.md says more.
+    # It is copied in and out, never mounted: a training run sees a copy and can only offer a new one, which the
+    # harness keeps only when it fits the bound; regular files only, never into an evaluation.
+    def _load_compile_cache(self, box: Sandbox) -> Literal["off", "cold", "warm"]:
+        if self.compile_cache is None:
+            return "off"
+        self.wait_for_compile_cache()  # the previous run's offer first: runs see each other's caches in order
+        if not self.compile_cache.exists():
+            return "cold"
+        try:
+            box.unpack_dir(COMPILE_CACHE_DIR, _file_chunks(self.compile_cache), self.config.compile_cache_mb * 1024**2)
+        except EngineUnavailable:
+            raise
+        except SandboxError as exc:  # a corrupt or oversized cache is dropped, and this run compiles cold
+            log.warning("compile_cache.unusable", path=str(self.compile_cache), error=str(exc))
+            self.compile_cache.unlink(missing_ok=True)
+            return "cold"
+        return "warm"
+
+    def wait_for_compile_cache(self) -> None:
+        """Until the last training run's offer of its cache has been kept or refused."""
+        if self._cache_saved is not None:
+            futures.wait([self._cache_saved])
+
+    def _offer_compile_cache(self, box: Sandbox) -> None:
+        """In the background: the run's compile cache replaces the lab's when it fits the bound (else the old one
+        stays); then the training container goes."""
+        self._cache_saved = _READER.submit(_save_then_close, self._save_compile_cache, box)
+
+    def _save_compile_cache(self, box: Sandbox) -> None:
+        partial = self.compile_cache.with_name(f"{self.compile_cache.name}.{secrets.token_hex(4)}.partial")
+        try:
+            self.compile_cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as out:
+                for chunk in box.pack_dir(COMPILE_CACHE_DIR, self.config.compile_cache_mb * 1024**2):
+                    out.write(chunk)
+            partial.replace(self.compile_cache)
+        except (SandboxError, OSError) as exc:
+            log.info("compile_cache.not_kept", error=str(exc))
+        finally:
+            partial.unlink(missing_ok=True)
 
     # -- evaluation --------------------------------------------------------------------------------
     def start_eval_workers(self) -> EvalWorkers:
@@ -308,6 +369,19 @@ class LocalExecutor:
         return EvaluationResult(ok=True, metric=result["val_bpb"], result=result,
                                 floor_gap=result["val_bpb"] - floor if floor is not None else None,
                                 seconds=round(time.monotonic() - started, 3))
+
+
+def _save_then_close(save: Callable[[Sandbox], None], box: Sandbox) -> None:
+    try:
+        save(box)
+    finally:
+        box.close_later()
+
+
+def _file_chunks(path: Path, size: int = 1 << 20):
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def _checkpoint_chunks(box: Sandbox, path: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -66,17 +66,40 @@ def fsop(box, op: str, path: str, limit: int, data: bytes | None = None) -> byte
     raise error(f"{op} {path}: {message}" if error is SandboxError else message)
 
 
-def read_chunks(box, path: str, max_bytes: int) -> Iterator[bytes]:
-    """Sandbox.stream_file: the helper's read, spawned, its stdout passed on as it comes."""
-    process = box.spawn(_helper_argv(box, "read", path, max_bytes), workdir="/")
+def read_chunks(box, path: str, max_bytes: int, op: str = "read") -> Iterator[bytes]:
+    """Sandbox.stream_file (and pack_dir, with op "pack"): the helper spawned, its stdout passed on as it comes."""
+    process = box.spawn(_helper_argv(box, op, path, max_bytes), workdir="/")
     try:
         process.close_stdin()
         while chunk := process.read(1 << 20, time.monotonic() + box.policy.exec_timeout):
             yield chunk
-        exit_code = process.wait(10)
-        if exit_code != 0:
-            lines = process.stderr_tail().strip().splitlines()
-            message = lines[-1] if lines else f"read failed (exit {exit_code})"
-            raise _REFUSALS.get(exit_code, SandboxError)(message)
+        _check_exit(process, op)
     finally:
         process.close()
+
+
+def write_chunks(box, path: str, chunks: Iterable[bytes], max_bytes: int, op: str = "unpack") -> bytes:
+    """Sandbox.unpack_dir: the helper spawned, `chunks` sent to its stdin as they come; returns its answer."""
+    process = box.spawn(_helper_argv(box, op, path, max_bytes), workdir="/")
+    try:
+        try:
+            for chunk in chunks:
+                process.send(chunk)
+        except OSError:  # it stopped reading: it refused the input, and says why below
+            pass
+        process.close_stdin()
+        answer = b""
+        while chunk := process.read(1 << 20, time.monotonic() + box.policy.exec_timeout):
+            answer += chunk[: 65536 - len(answer)]
+        _check_exit(process, op)
+        return answer
+    finally:
+        process.close()
+
+
+def _check_exit(process, op: str) -> None:
+    exit_code = process.wait(10)
+    if exit_code != 0:
+        lines = process.stderr_tail().strip().splitlines()
+        message = lines[-1] if lines else f"{op} failed (exit {exit_code})"
+        raise _REFUSALS.get(exit_code, SandboxError)(message)

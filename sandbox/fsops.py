@@ -278,9 +278,68 @@ def op_manifest(rel, max_entries):
             os.close(top)
 
 
+def op_pack(rel, max_bytes):
+    """A tar stream on stdout of the regular files below rel (symlinks, devices and FIFOs left out, never
+    followed), names relative to rel; refused once the files' bytes pass max_bytes."""
+    import tarfile
+
+    total = 0
+    with _lookup(rel) as (fd, name, st):
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            raise NotFound(f"no such directory: {rel}")
+        top = _open_verified(name, fd, st, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with tarfile.open(fileobj=sys.stdout.buffer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+                    dirnames.sort()
+                    for entry_name in sorted(filenames):
+                        st = os.stat(entry_name, dir_fd=dirfd, follow_symlinks=False)
+                        if not stat.S_ISREG(st.st_mode):
+                            continue
+                        total += st.st_size
+                        if total > max_bytes:
+                            raise TooLarge(f"the files below {rel} are over the {max_bytes}-byte limit")
+                        info = tarfile.TarInfo(posixpath.normpath(posixpath.join(dirpath, entry_name)))
+                        info.size, info.mode, info.mtime = st.st_size, stat.S_IMODE(st.st_mode) & 0o755, int(st.st_mtime)
+                        f = _open_verified(entry_name, dirfd, st, os.O_RDONLY | os.O_NONBLOCK)
+                        with os.fdopen(f, "rb") as source:
+                            tar.addfile(info, source)
+        except RecursionError:
+            raise TooLarge(f"directories below {rel} are nested too deep to pack") from None
+        finally:
+            os.close(top)
+
+
+def op_unpack(rel, max_bytes):
+    """Extract a tar stream from stdin below rel: regular files only (each created new, never over an existing
+    entry), names confined to rel; anything else (links, devices, absolute or '..' names) is skipped."""
+    import tarfile
+
+    total = skipped = 0
+    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+        for member in tar:
+            parts = _split(member.name)
+            if not member.isreg() or not parts or ".." in parts or member.name.startswith("/"):
+                skipped += not member.isdir()
+                continue
+            total += member.size
+            if total > max_bytes:
+                raise TooLarge(f"the archive is over the {max_bytes}-byte limit")
+            with _lookup("/".join(_split(rel) + parts), create_dirs=True) as (fd, name, st):
+                if st is not None:
+                    skipped += 1
+                    continue
+                f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, member.mode & 0o755, dir_fd=fd)
+                with os.fdopen(f, "wb") as out, tar.extractfile(member) as source:
+                    while chunk := source.read(1 << 20):
+                        out.write(chunk)
+    sys.stdout.write(json.dumps({"bytes": total, "skipped": skipped}))
+
+
 MANIFEST_HASH_BYTES = 1024 * 1024
 MANIFEST_TOTAL_BYTES = 64 * 1024 * 1024
-OPS = {"read": op_read, "write": op_write, "list": op_list, "delete": op_delete, "manifest": op_manifest}
+OPS = {"read": op_read, "write": op_write, "list": op_list, "delete": op_delete, "manifest": op_manifest,
+       "pack": op_pack, "unpack": op_unpack}
 
 if __name__ == "__main__":
     op, WORKSPACE, relpath, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

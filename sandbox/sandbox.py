@@ -14,7 +14,7 @@ import json
 import secrets
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import docker
 import docker.errors
@@ -24,7 +24,7 @@ from docker.types import DeviceRequest, Ulimit
 from sandbox.cgroups import peak_memory
 from sandbox.engine import engine_errors, owner_labels, remove_container, require_runtime, resolve_client
 from sandbox.errors import FileTooLarge, SandboxClosed
-from sandbox.files import FileEntry, fsop, read_chunks
+from sandbox.files import FileEntry, fsop, read_chunks, write_chunks
 from sandbox.policy import SandboxPolicy
 from sandbox.process import ExecResult, SandboxProcess, execute, start_exec
 
@@ -223,6 +223,18 @@ class Sandbox:
         """The bytes of a workspace file as chunks, never held whole (symlink-safe like read_file). Raises the
         helper's one-line error (FileMissing, PathRefused, FileTooLarge) when it refuses, even after chunks."""
         return read_chunks(self, path, max_bytes)
+
+    def pack_dir(self, path: str, max_bytes: int) -> Iterator[bytes]:
+        """A tar stream of the regular files below a workspace directory (symlinks and special files left
+        out, never followed), as chunks; FileTooLarge once their bytes pass `max_bytes`, FileMissing when
+        there is no such directory."""
+        return read_chunks(self, path, max_bytes, op="pack")
+
+    def unpack_dir(self, path: str, chunks: Iterable[bytes], max_bytes: int) -> dict:
+        """Extract a tar stream below a workspace directory as the agent's user: regular files only, each
+        new, names confined below `path` (links, devices, '..' and absolute names skipped). Returns
+        {"bytes": extracted, "skipped": members left out}."""
+        return json.loads(write_chunks(self, path, chunks, max_bytes))
 
     def write_file(self, path: str, content: bytes | str) -> None:
         """Atomically create or replace a workspace file as the agent's user (parents created, mode kept)."""

@@ -1,8 +1,11 @@
 """read_file / write_file / list_dir confined to the workspace, attacked with every escape we know."""
 
+import io
+import tarfile
+
 import pytest
 
-from sandbox.errors import FileMissing, FileTooLarge, PathRefused
+from sandbox.errors import FileMissing, FileTooLarge, PathRefused, SandboxError
 from sandbox.files import workspace_relpath
 from sandbox.policy import SandboxPolicy
 from sandbox.sandbox import Sandbox
@@ -129,3 +132,65 @@ def test_listing_a_large_directory_is_complete_json(runc_box):
     runc_box.exec("mkdir many && cd many && for i in $(seq 3000); do : > \"file-with-a-longish-name-$i.txt\"; done")
     entries = runc_box.list_dir("many")
     assert len(entries) == 3000 and all(e.kind == "file" for e in entries)
+
+
+# ---- pack_dir / unpack_dir: how a training run's compile cache leaves one container and enters the next ----
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, 0o644
+    return info
+
+
+def test_pack_keeps_regular_files_only_and_unpack_restores_them(runc_box, image):
+    runc_box.exec("mkdir -p c/inductor/ab c/triton && printf kernel > c/inductor/ab/k.so && chmod 755 c/inductor/ab/k.so"
+                  " && head -c 300000 /dev/urandom > c/triton/blob && ln -s /etc/passwd c/passwd && mkfifo c/fifo"
+                  " && ln -s ../c c/inductor/loop")
+    archive = b"".join(runc_box.pack_dir("c", 1 << 20))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        assert sorted(m.name for m in tar) == ["inductor/ab/k.so", "triton/blob"]
+        assert all(m.isreg() for m in tar)
+    with Sandbox.start(SandboxPolicy(image=image), session=SESSION, role="test") as fresh:
+        assert fresh.unpack_dir("cache", [archive[:1000], archive[1000:]], 1 << 20) == {"bytes": 300006, "skipped": 0}
+        assert fresh.read_file("cache/inductor/ab/k.so") == b"kernel"
+        assert fresh.read_file("cache/triton/blob") == runc_box.read_file("c/triton/blob")
+        assert fresh.exec("stat -c '%U %a' cache/inductor/ab/k.so").stdout.strip() == "agent 755"  # still loadable
+
+
+def test_pack_refuses_a_directory_over_its_bound_and_a_missing_one(runc_box):
+    runc_box.exec("mkdir big && head -c 200000 /dev/zero > big/a && head -c 200000 /dev/zero > big/b")
+    with pytest.raises(FileTooLarge, match="over the 300000-byte limit"):
+        b"".join(runc_box.pack_dir("big", 300_000))
+    with pytest.raises(FileMissing):
+        b"".join(runc_box.pack_dir("nothing-here", 1 << 20))
+
+
+def test_unpack_skips_links_devices_and_names_that_leave_its_directory(runc_box):
+    archive = _tar((_member("ok/file"), b"fine"), (_member("../escaped"), b"x"), (_member("/etc/evil"), b"x"),
+                   (_member("ok/../../up"), b"x"), (_member("link", tarfile.SYMTYPE, "/etc"), b""),
+                   (_member("link/passwd"), b"x"),  # through the link just skipped: lands as a plain file, if at all
+                   (_member("hard", tarfile.LNKTYPE, "/etc/passwd"), b""), (_member("dev", tarfile.CHRTYPE), b""),
+                   (_member("ok/file"), b"second copy"))  # never over an entry that exists
+    answer = runc_box.unpack_dir("cache", [archive], 1 << 20)
+    assert answer["skipped"] == 7
+    assert runc_box.read_file("cache/ok/file") == b"fine"
+    listing = runc_box.exec("cd cache && find . | sort").stdout.split()
+    assert listing == [".", "./link", "./link/passwd", "./ok", "./ok/file"]
+    assert runc_box.exec("test -d cache/link && ! test -L cache/link && ls /workspace/escaped /workspace/up /etc/evil"
+                         " 2>&1 | grep -c 'No such'").stdout.strip() == "3"
+
+
+def test_unpack_refuses_an_archive_over_its_bound_and_garbage(runc_box):
+    archive = _tar((_member("a"), b"x" * 5000), (_member("b"), b"y" * 5000))
+    with pytest.raises(FileTooLarge, match="over the 8000-byte limit"):
+        runc_box.unpack_dir("cache", [archive], 8000)
+    with pytest.raises(SandboxError):
+        runc_box.unpack_dir("garbage", [b"this is not a tar archive" * 100], 1 << 20)
