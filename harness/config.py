@@ -35,6 +35,9 @@ class LabConfig(BaseModel):
     gpus: str | None = None  # "all" or "0,1"
     data: str = "synthetic"  # or a file, a directory, or an http(s) URL
     data_sha256: str | None = None
+    tokenizer: Literal["bytes", "bpe"] = Field("bytes", description="bytes (one token a byte) or bpe (byte-level BPE "
+                                               "trained on the lab's training split, fixed with the data)")
+    vocab_size: int = Field(4096, gt=256, le=65_536, description="the BPE vocabulary's size (with tokenizer = bpe)")
     seed: int = 1337
     keep_rule: Literal["better", "better_by"] = "better"
     min_improvement: float = Field(0.0, ge=0, description="bpb a result must gain to be kept, with better_by")

@@ -18,8 +18,10 @@ PROGRAM_FILE = "program.md"
 COMPILE_CACHE_FILE = "cache/compile.tar"  # the lab's compile cache, when labrat.toml's compile_cache_mb turns it on
 PROGRAM = """# Research program
 
-You are improving `trainer/train.py`, a small byte-level GPT, to lower **val_bpb** (bits per byte on
-held-out text) within a fixed wall-clock training budget. Lower is better.
+You are improving `trainer/train.py`, a small GPT, to lower **val_bpb** (bits per byte on held-out
+text) within a fixed wall-clock training budget. Lower is better. Its tokens are the lab's: bytes, or
+BPE ids (`/data/meta.json` says which, with the vocabulary's size; `/data/tokenizer.json` holds a BPE
+tokenizer).
 
 The budget is **all-in wall clock on the harness's clock**: from the moment the training process
 starts to the moment it exits (imports, data loading, compilation, training and saving), the same for

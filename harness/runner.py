@@ -335,7 +335,8 @@ class LocalExecutor:
 
     def heldout_tokens(self):
         if self._heldout is None:
-            self._heldout = load_tokens(self.data.heldout_dir / "val.bin", self.data.meta.get("val_sha256"))
+            self._heldout = load_tokens(self.data.heldout_dir / "val.bin", self.data.meta.get("val_sha256"),
+                                        self.data.meta.get("token_dtype", "uint8"))
         return self._heldout
 
     def evaluate(self, trained: TrainingResult, phase: Phase = lambda name, seconds: None,
@@ -357,7 +358,8 @@ class LocalExecutor:
                     trained.checkpoint, self.heldout_tokens(), self.device, self.config.eval_tokens, seq_len,
                     spawn=workers.take, attainable=ev.attainable_for(self.data.meta, seq_len), seed=seed,
                     timeout=self.config.eval_timeout, answer_timeout=self.config.eval_timeout,
-                    on_phase=lambda name: failpoints.reach(EVAL_FAILPOINTS[name]) if name in EVAL_FAILPOINTS else None)
+                    on_phase=lambda name: failpoints.reach(EVAL_FAILPOINTS[name]) if name in EVAL_FAILPOINTS else None,
+                    **ev.tokenization(self.data.meta))
         except ev.EvaluationError as exc:
             return EvaluationResult(ok=False, reason=str(exc), seconds=round(time.monotonic() - started, 3))
         finally:

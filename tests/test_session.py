@@ -186,3 +186,32 @@ def test_a_session_under_gvisor(tmp_path, runtime, cleanup_snapshots):
         [baseline] = run.session.session_experiments()
     assert baseline.status == "keep" and baseline.metric > run.data.floor_bpb
     assert json.loads(baseline.eval_json)["causal"]
+
+
+def test_a_bpe_lab_trains_evaluates_and_reproduces_in_containers(tmp_path, cleanup_snapshots):
+    """tokenizer = "bpe": the tokenizer is trained on the host with the data, train.py reads the vocabulary
+    and uint16 ids from /data, the workers answer over the whole vocabulary, and a rerun from the snapshot
+    scores the same, bit for bit."""
+    from harness.agents.offline import OfflineAgent
+    from harness.config import LabConfig
+    from harness.reproduce import reproduce
+    from harness.run import LabRun
+
+    lab = tmp_path / "lab"
+    cleanup_snapshots.append(lab)
+    config = LabConfig(tokenizer="bpe", vocab_size=512, deterministic_steps=5, time_budget=60, eval_tokens=2048,
+                       max_experiments=1)
+    make_lab(lab, tokenizer="bpe", vocab_size=512, deterministic_steps=5, eval_tokens=2048, max_experiments=1)
+    with LabRun(lab, config, agent="offline") as run:
+        meta = run.data.meta
+        assert meta["tokenizer"] == "bpe" and 256 < meta["vocab_size"] <= 512
+        assert run.workbench.box.exec("wc -c < /data/train.bin").stdout.strip() == str(2 * meta["train_tokens"])
+        assert run.workbench.box.exec("test -s /data/tokenizer.json && echo yes").stdout.strip() == "yes"
+        OfflineAgent(config).run(run.toolbox, run.view)
+        [baseline] = run.session.session_experiments()
+    result = json.loads(baseline.eval_json)
+    assert baseline.status == "keep" and result["causal"], baseline.log_tail
+    assert result["bytes_evaluated"] > 2 * result["tokens_evaluated"]  # a token covers several bytes
+    assert run.data.floor_bpb < baseline.metric < meta["unigram_bpb"] + 1.0
+    again = reproduce(lab, baseline.id)
+    assert again.ok and again.reproduced == baseline.metric, again

@@ -4,7 +4,9 @@ Everything in train.py is the agent's to change, as long as this holds. The eval
 train.py itself: it runs the source saved in the checkpoint, in a fresh container of the pristine
 sandbox image, and relies on exactly this:
 
-* **Tokens.** Byte-level: token id == byte value, VOCAB_SIZE = 256 (trainer/prepare.py encodes them).
+* **Tokens.** The lab's data say which (meta.json's `tokenizer` and `vocab_size`; trainer/prepare.py
+  encodes them): bytes, token id == byte value, VOCAB_SIZE = 256 (the default); or byte-level BPE ids,
+  0 <= id < meta.json's vocab_size (at most 65536), the tokenizer trained on the training split.
 * **Context.** The evaluation scores windows of EVAL_SEQ_LENS[size class] tokens (the lab's
   `trainer_config`); a bare `python -m trainer.evaluate` uses EVAL_SEQ_LEN unless given `--seq-len`.
 * **The checkpoint.** `<out>/ckpt.pt`, written by save_checkpoint (atomically), at most
@@ -22,10 +24,10 @@ sandbox image, and relies on exactly this:
     parameter and persistent buffer names and shapes). It is then moved to the evaluation's device
     (cpu, or cuda in a GPU lab) and put in `eval()` mode.
   - `model(idx)` is called under `torch.no_grad()` with `idx` an int64 tensor of shape (B, T) on that
-    device, values in [0, VOCAB_SIZE), B >= 1 rows, 1 <= T <= the evaluation's context length, which
+    device, values in [0, vocab_size), B >= 1 rows, 1 <= T <= the evaluation's context length, which
     may be longer than the context the model trained at. The rows come in a secret order and grouping,
     some cut short and refilled, and any B and T in that range may come.
-  - It must return a floating-point tensor of logits of shape (B, T, VOCAB_SIZE): unnormalised scores
+  - It must return a floating-point tensor of logits of shape (B, T, vocab_size): unnormalised scores
     for the token after each position (the evaluator takes their float32 log-softmax itself, which
     must stay finite), and causal: logits[b, t] may depend on idx[b, :t + 1] only, not on later tokens, other rows or
     earlier calls. A model that breaks any of this is rejected with a one-line reason.

@@ -4,7 +4,7 @@ this file, never change it.
     python -m trainer.evaluate --worker SCRATCH_DIR      # how the driver starts one (trainer/evaluate.py)
 
 A worker receives the checkpoint in chunks, loads the model when told (trainer/contract.py says how),
-then answers each batch of tokens with logits. The wire format is here, shared with the driver: a
+then answers each batch of tokens with logits, one float32 per id of the vocabulary LOAD names. The wire format is here, shared with the driver: a
 message is a 4-byte tag and a little-endian uint64 payload size, then the payload. The worker imports
 torch; the driver, which imports this module for the format, never does. `ProcessChannel` runs a
 worker as a local subprocess (bare use and tests; labrat runs each worker in a fresh container).
@@ -36,6 +36,7 @@ REQUEST_LIMIT = 16 * CHUNK  # bytes of one message to a worker (a checkpoint chu
 # Wire format: a message is a 4-byte tag and a little-endian uint64 payload size, then the payload.
 HEADER = struct.Struct("<4sQ")
 CKPT, END, LOAD, BATCH, READY, LOGITS, FAIL = b"CKPT", b"END.", b"LOAD", b"BTCH", b"REDY", b"LGTS", b"FAIL"
+TOKEN_WIRE = "<u2"  # a batch's tokens: little-endian uint16 (byte ids and BPE ids alike)
 
 
 def _read_message(stream) -> tuple[bytes, bytes] | None:
@@ -82,7 +83,8 @@ def worker(scratch: Path) -> int:
         return 2  # the driver went away, or aborted the transfer
     if (message := _read_message(reader)) is None or message[0] != LOAD:
         return 2  # not needed after all (the driver stopped before this worker's turn)
-    device = json.loads(message[1])["device"]
+    request = json.loads(message[1])
+    device, vocab_size = request["device"], int(request.get("vocab_size", VOCAB_SIZE))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
         model = load_model(path, device)
@@ -92,16 +94,16 @@ def worker(scratch: Path) -> int:
     with torch.no_grad():
         while (message := _read_message(reader)) is not None and message[0] == BATCH:
             rows, cols = struct.unpack_from("<II", message[1])
-            batch = np.frombuffer(message[1], dtype=np.uint8, offset=8).reshape(rows, cols)
+            batch = np.frombuffer(message[1], dtype=TOKEN_WIRE, offset=8).reshape(rows, cols)
             try:
                 logits = model(torch.from_numpy(batch.astype(np.int64)).to(device))
             except Exception as exc:
                 return fail(f"the model's forward pass raised {type(exc).__name__}: {exc}")
             if not isinstance(logits, torch.Tensor):
                 return fail(f"the model returned {type(logits).__name__}, expected a tensor of logits")
-            if tuple(logits.shape) != (rows, cols, VOCAB_SIZE):
+            if tuple(logits.shape) != (rows, cols, vocab_size):
                 return fail(f"the model returned logits of shape {tuple(logits.shape)}, "
-                            f"expected {(rows, cols, VOCAB_SIZE)}")
+                            f"expected {(rows, cols, vocab_size)}")
             if not logits.is_floating_point():
                 return fail(f"the model returned {logits.dtype} logits, expected a floating-point tensor")
             data = logits.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes()

@@ -21,6 +21,8 @@ this file, return any finite numbers, time its answers, and inspect its environm
   log-probability of each true target must match the scorer's within CAUSALITY_TOLERANCE. The judge
   never sees the token after a cut and the scorer never learns the cut, so an answer that used a later
   token cannot be matched. The cuts come from a fresh secret seed, recorded in the result.
+* **Bits per byte.** A row's bits over the bytes its targets cover: one byte a token with byte tokens;
+  with BPE, meta.json's per-id byte lengths (trainer/prepare.py), so the metric stays exact.
 * **Impossible results.** Given the data's attainable floor at this context length (the synthetic
   corpus has one), a score below it by more than FLOOR_MARGIN_SE standard errors is refused.
 * **Protocol.** Answers have a fixed size known in advance (a malformed one is refused, never parsed);
@@ -46,11 +48,12 @@ import numpy as np
 
 from trainer.contract import CHECKPOINT_LIMIT, EVAL_SEQ_LEN, VOCAB_SIZE
 from trainer.eval_worker import (BATCH, CHUNK, CKPT, END, FAIL, HEADER, LOAD, LOGITS, MESSAGE_LIMIT, READY,
-                                 ProcessChannel, worker)
+                                 TOKEN_WIRE, ProcessChannel, worker)
 
 # ---- knobs -------------------------------------------------------------------------------------
 EVAL_TOKENS = 131_072  # validation tokens scored (a fixed number, so runs are comparable)
 BATCH_TOKENS = 8192  # tokens per forward call: rows per batch = BATCH_TOKENS // seq_len
+ANSWER_LIMIT = 64 * 1024**2  # bytes of logits per answer: a large BPE vocabulary gets fewer rows per call
 WHOLE_ROW_PROBES = 0.25  # fraction of judged rows compared at every position (cut = seq_len)
 CAUSALITY_TOLERANCE = 1e-3  # max |Δ log-prob of a true target| (float32 CPU differs by ~1e-6 across batchings)
 FLOOR_MARGIN_SE = 4.0  # refuse val_bpb < attainable - 4 standard errors (an honest model: ~3e-5 chance)
@@ -98,11 +101,12 @@ def local_worker(user: str | None = None) -> Callable[[str], Channel]:
 class _Worker:
     """The driver's side of one worker: sends messages, validates every answer before using it."""
 
-    def __init__(self, channel: Channel, role: str, deadline: float, answer_timeout: float):
+    def __init__(self, channel: Channel, role: str, deadline: float, answer_timeout: float, vocab_size: int):
         self.channel = channel
         self.role = role
         self.deadline = deadline
         self.answer_timeout = answer_timeout
+        self.vocab_size = vocab_size
 
     def send(self, tag: bytes, payload: bytes = b"") -> None:
         try:
@@ -136,15 +140,15 @@ class _Worker:
         return EvaluationError(f"the model crashed during evaluation: {_one_line(lines[-1]) if lines else 'it exited'}")
 
     def load(self, device: str) -> None:
-        self.send(LOAD, json.dumps({"device": device}).encode())
+        self.send(LOAD, json.dumps({"device": device, "vocab_size": self.vocab_size}).encode())
         self.receive(READY, 0, "answer to loading")
 
     def target_log_probs(self, batch: np.ndarray, targets: np.ndarray, what: str) -> np.ndarray:
         """log p(target) at each position of `batch` (rows, cols), normalised here from the worker's logits."""
         rows, cols = batch.shape
-        self.send(BATCH, struct.pack("<II", rows, cols) + np.ascontiguousarray(batch, dtype=np.uint8).tobytes())
-        answer = self.receive(LOGITS, rows * cols * VOCAB_SIZE * 4, what)
-        logits = np.frombuffer(answer, dtype="<f4").reshape(rows, cols, VOCAB_SIZE)
+        self.send(BATCH, struct.pack("<II", rows, cols) + np.ascontiguousarray(batch, dtype=TOKEN_WIRE).tobytes())
+        answer = self.receive(LOGITS, rows * cols * self.vocab_size * 4, what)
+        logits = np.frombuffer(answer, dtype="<f4").reshape(rows, cols, self.vocab_size)
         if not np.isfinite(logits).all():
             raise EvaluationError("model rejected: it returned non-finite logits (NaN or inf)")
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is the model's, and is refused below
@@ -206,16 +210,21 @@ def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str 
              eval_tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN, *, batch_tokens: int = BATCH_TOKENS,
              spawn: Callable[[str], Channel] | None = None, attainable: tuple[float, float] | None = None,
              seed: int | None = None, timeout: float = 3600.0, answer_timeout: float = ANSWER_TIMEOUT,
-             on_phase: Callable[[str], None] = lambda name: None) -> dict:
+             on_phase: Callable[[str], None] = lambda name: None, vocab_size: int = VOCAB_SIZE,
+             token_bytes: np.ndarray | None = None) -> dict:
     """val_bpb of the checkpoint on held-out rows of `val_tokens`, with the causality and floor verdicts.
 
     `spawn(role)` starts a worker ("score", then "judge"); `seed` replays an earlier evaluation's
-    secret draws (reproduction), otherwise a fresh one is drawn. Raises EvaluationError with a one-line
-    reason when the model is rejected."""
+    secret draws (reproduction), otherwise a fresh one is drawn. `vocab_size` and `token_bytes` (each id's
+    length in bytes; None: one byte a token) come from the data's meta.json (`tokenization`). Raises
+    EvaluationError with a one-line reason when the model is rejected."""
     started = time.monotonic()
     checkpoint = Checkpoint.from_file(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     seed = secrets.randbits(63) if seed is None else int(seed)
-    tokens = np.asarray(val_tokens, dtype=np.uint8)
+    tokens = np.asarray(val_tokens)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise EvaluationError(f"the held-out tokens go up to {int(tokens.max())}, past the vocabulary of {vocab_size}")
+    batch_tokens = min(batch_tokens, max(seq_len, ANSWER_LIMIT // (vocab_size * 4)))
     plan = Plan(len(tokens), eval_tokens, seq_len, batch_tokens, seed)
     spawn = spawn or local_worker()
     deadline = started + timeout
@@ -223,7 +232,8 @@ def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str 
     channels: list[Channel] = []
     try:
         channels += [spawn("score"), spawn("judge")]
-        scorer, judge = (_Worker(c, role, deadline, answer_timeout) for c, role in zip(channels, ("score", "judge")))
+        scorer, judge = (_Worker(c, role, deadline, answer_timeout, vocab_size)
+                         for c, role in zip(channels, ("score", "judge")))
         on_phase("checkpoint")
         _send_checkpoint(checkpoint, (scorer, judge))
         timings["checkpoint"] = time.monotonic() - started
@@ -254,13 +264,17 @@ def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str 
         for channel in channels:
             channel.close()
     bits = -picked / math.log(2)
-    per_row = bits.mean(axis=1)
-    val_bpb = float(bits.mean())  # byte-level tokens: one token is one byte
+    if token_bytes is None:  # byte tokens: one token is one byte
+        per_row, val_bpb, n_bytes = bits.mean(axis=1), float(bits.mean()), bits.size
+    else:  # BPE: the bits of a row's targets over the bytes they cover
+        covered = token_bytes[plan.targets(tokens, np.arange(plan.rows))]
+        per_row, val_bpb, n_bytes = bits.sum(axis=1) / covered.sum(axis=1), float(bits.sum() / covered.sum()), covered.sum()
     se = float(per_row.std(ddof=1) / math.sqrt(plan.rows)) if plan.rows > 1 else float("inf")
     result = {
         "val_bpb": val_bpb,
         "val_bpb_se": se,
         "tokens_evaluated": int(bits.size),
+        "bytes_evaluated": int(n_bytes),
         "rows": plan.rows,
         "seq_len": seq_len,
         "causal": max_delta <= CAUSALITY_TOLERANCE,
@@ -307,9 +321,20 @@ def _send_checkpoint(checkpoint: Checkpoint, workers: tuple[_Worker, ...]) -> No
 
 
 def attainable_for(meta: dict, seq_len: int) -> tuple[float, float] | None:
-    """The data's attainable (mean, standard error) bpb at this context length, if prepare.py knows it."""
+    """The data's attainable (mean, standard error) bpb at this context length, if prepare.py knows it; else
+    its entropy floor, if known (a BPE lab: the floor holds for any tokenization and context, up to the few
+    bits a row's first token tells of its neighbours, which the margin covers)."""
     known = (meta.get("attainable_bpb") or {}).get(str(seq_len))
-    return (float(known[0]), float(known[1])) if known else None
+    if known:
+        return float(known[0]), float(known[1])
+    return (float(meta["floor_bpb"]), 0.0) if meta.get("floor_bpb") is not None else None
+
+
+def tokenization(meta: dict) -> dict:
+    """evaluate()'s vocab_size and token_bytes for data prepared with this meta.json."""
+    from trainer.prepare import token_bytes_of
+
+    return {"vocab_size": int(meta.get("vocab_size", VOCAB_SIZE)), "token_bytes": token_bytes_of(meta)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {}
     try:
         meta = load_meta(args.data)
-        val = load_tokens(args.data / "val.bin", meta.get("val_sha256"))
+        val = load_tokens(args.data / "val.bin", meta.get("val_sha256"), meta.get("token_dtype", "uint8"))
         result = evaluate(args.checkpoint, val, args.device, args.eval_tokens, args.seq_len, seed=args.seed,
-                          spawn=local_worker(user=args.worker_user), attainable=attainable_for(meta, args.seq_len))
+                          spawn=local_worker(user=args.worker_user), attainable=attainable_for(meta, args.seq_len),
+                          **tokenization(meta))
     except (DataError, EvaluationError) as exc:
         result = {"error": str(exc)}
         print(f"evaluate: error: {exc}", file=sys.stderr)

@@ -4,8 +4,13 @@
     python -m trainer.prepare --out data/ --data notes/    # local text files or a directory
     python -m trainer.prepare --out data/ --data https://host/shard.parquet --sha256 HEX
 
-Writes `train.bin` and `val.bin` (uint8 byte tokens) and `meta.json` (sizes, checksums, and for
-the synthetic source the exact entropy floor and the unigram baseline in bits per byte).
+    python -m trainer.prepare --out data/ --tokenizer bpe --vocab-size 4096   # BPE tokens instead of bytes
+
+Writes `train.bin` and `val.bin` (the tokens: uint8 bytes, or uint16 BPE ids) and `meta.json` (sizes,
+checksums, the tokenizer, and for the synthetic source the exact entropy floor and the unigram baseline
+in bits per byte). With BPE, also `tokenizer.json`: a byte-level BPE (Hugging Face `tokenizers`) trained
+on the training split alone, so it is fixed with the data; meta.json's `token_bytes` gives each id's
+length in bytes, which keeps bits per byte exact (a row's bits over the bytes its targets cover).
 
 The synthetic source (trainer/synthetic.py) is a Markov chain over words whose entropy floor is known
 exactly; meta.json records it, and the attainable floor per evaluation context length.
@@ -41,6 +46,12 @@ PARQUET_TEXT_COLUMN = "text"  # the column read from .parquet shards (FineWeb-st
 DOWNLOAD_CHUNK = 1 << 20
 TRAIN_DEADLINE_ENV = "LABRAT_DEADLINE"  # unix time (host clock) by which a training run must have exited
 ATTAINABLE_SEQ_LENS = tuple(EVAL_SEQ_LENS.values())  # meta.json reports the floor at each evaluation context length
+TOKENIZERS = ("bytes", "bpe")
+BPE_VOCAB_SIZE = 4096  # the default; the evaluation's answers grow with it (rows x columns x vocabulary floats)
+BPE_MAX_VOCAB = 65_536  # ids are stored as uint16
+BPE_SAMPLE_CHARS = 64 << 20  # the merges are learnt from at most this much of the training split
+BPE_CHUNK_CHARS = 1 << 20  # text is encoded in chunks of this many characters, in parallel
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class DataError(Exception):
@@ -57,11 +68,55 @@ def decode(tokens) -> str:
     return bytes(np.asarray(tokens, dtype=np.uint8)).decode("utf-8", errors="replace")
 
 
-def unigram_bpb(train: np.ndarray, val: np.ndarray) -> float:
-    """Cross-entropy of `val` under the byte frequencies of `train` (add-one smoothed): the baseline to beat."""
-    counts = np.bincount(train, minlength=VOCAB_SIZE).astype(np.float64) + 1.0
+def unigram_bpb(train: np.ndarray, val: np.ndarray, vocab_size: int = VOCAB_SIZE,
+                token_bytes: np.ndarray | None = None) -> float:
+    """Cross-entropy of `val` under the token frequencies of `train` (add-one smoothed), in bits per byte:
+    the baseline to beat."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
     log_p = np.log2(counts / counts.sum())
-    return float(-log_p[val].mean())
+    if token_bytes is None:
+        return float(-log_p[val].mean())
+    return float(-log_p[val].sum() / token_bytes[val].sum())
+
+
+# ---- tokenizer: byte-level BPE (optional) ------------------------------------------------------
+def train_bpe(text: str, vocab_size: int):
+    """A byte-level BPE tokenizer learnt from `text` (its first BPE_SAMPLE_CHARS characters)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    sample = text[:BPE_SAMPLE_CHARS]
+    tokenizer.train_from_iterator((sample[i : i + BPE_CHUNK_CHARS] for i in range(0, len(sample), BPE_CHUNK_CHARS)),
+                                  trainer)
+    return tokenizer
+
+
+def bpe_encode(tokenizer, text: str) -> np.ndarray:
+    chunks = [text[i : i + BPE_CHUNK_CHARS] for i in range(0, len(text), BPE_CHUNK_CHARS)]
+    ids = [np.asarray(e.ids, dtype=np.uint16) for e in tokenizer.encode_batch(chunks, add_special_tokens=False)]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint16)
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """Each id's length in bytes: byte-level BPE writes every byte as one character (GPT-2's table)."""
+    return np.array([len(tokenizer.id_to_token(i)) for i in range(tokenizer.get_vocab_size())], dtype=np.int64)
+
+
+def _bpe_tokens(tokenizer, data: bytes, what: str, token_bytes: np.ndarray) -> np.ndarray:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"the {what} split is not UTF-8 text (byte {exc.start}): BPE needs text; use "
+                        "tokenizer = \"bytes\"") from None
+    tokens = bpe_encode(tokenizer, text)
+    if int(token_bytes[tokens].sum()) != len(data):  # bits per byte divides by these: they must be exact
+        raise DataError(f"the BPE tokens of the {what} split cover {int(token_bytes[tokens].sum())} bytes, not "
+                        f"{len(data)}: the tokenizer is not lossless on this text")
+    return tokens
 
 
 # ---- real data ---------------------------------------------------------------------------------
@@ -141,11 +196,16 @@ def _sha256(path: Path) -> str:
 
 # ---- the prepared directory --------------------------------------------------------------------
 def prepare(out: Path, data: str = "synthetic", seed: int = 1337, sha256: str | None = None,
-            train_bytes: int = SYNTH_TRAIN_BYTES, val_bytes: int = SYNTH_VAL_BYTES) -> dict:
-    """Write train.bin, val.bin and meta.json into `out`; returns the meta dict."""
+            train_bytes: int = SYNTH_TRAIN_BYTES, val_bytes: int = SYNTH_VAL_BYTES, tokenizer: str = "bytes",
+            vocab_size: int = BPE_VOCAB_SIZE) -> dict:
+    """Write train.bin, val.bin and meta.json (and tokenizer.json, with BPE) into `out`; returns the meta dict."""
+    if tokenizer not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {tokenizer!r}: expected one of {', '.join(TOKENIZERS)}")
+    if tokenizer == "bpe" and not VOCAB_SIZE < vocab_size <= BPE_MAX_VOCAB:
+        raise DataError(f"a BPE vocabulary needs more than {VOCAB_SIZE} and at most {BPE_MAX_VOCAB} ids, not {vocab_size}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    meta: dict = {"vocab_size": VOCAB_SIZE, "tokenizer": "bytes", "seed": seed}
+    meta: dict = {"vocab_size": VOCAB_SIZE, "tokenizer": "bytes", "token_dtype": "uint8", "seed": seed}
     if data == "synthetic":
         source = MarkovWordSource.from_seed(seed)
         train = source.sample(train_bytes, seed=seed + 1)
@@ -164,7 +224,19 @@ def prepare(out: Path, data: str = "synthetic", seed: int = 1337, sha256: str | 
             raise DataError(f"{path} holds only {len(corpus)} bytes; at least 1024 are needed")
         train, val = encode(corpus[:-n_val]), encode(corpus[-n_val:])
         meta.update(source=str(data), floor_bpb=None, attainable_bpb=None)
-    meta.update(unigram_bpb=unigram_bpb(train, val), train_tokens=int(train.size), val_tokens=int(val.size))
+    meta.update(train_bytes=int(train.size), val_bytes=int(val.size))
+    token_bytes = None
+    if tokenizer == "bpe":
+        bpe = train_bpe(bytes(train).decode("utf-8", errors="replace"), vocab_size)
+        token_bytes = token_byte_lengths(bpe)
+        train, val = (_bpe_tokens(bpe, bytes(split), what, token_bytes) for split, what in ((train, "training"), (val, "held-out")))
+        bpe.save(str(out / TOKENIZER_FILE))
+        # The attainable floors above are per context of n *bytes*; n BPE tokens see more. The entropy floor
+        # holds for any tokenization (the evaluation falls back to it).
+        meta.update(tokenizer="bpe", token_dtype="uint16", vocab_size=bpe.get_vocab_size(), attainable_bpb=None,
+                    token_bytes=token_bytes.tolist(), tokenizer_sha256=_sha256(out / TOKENIZER_FILE))
+    vocab = meta["vocab_size"]
+    meta.update(unigram_bpb=unigram_bpb(train, val, vocab, token_bytes), train_tokens=int(train.size), val_tokens=int(val.size))
     for name, tokens in (("train", train), ("val", val)):
         (out / f"{name}.bin").write_bytes(tokens.tobytes())
         meta[f"{name}_sha256"] = hashlib.sha256(tokens.tobytes()).hexdigest()
@@ -173,8 +245,9 @@ def prepare(out: Path, data: str = "synthetic", seed: int = 1337, sha256: str | 
     return meta
 
 
-def load_tokens(path: Path, expected_sha256: str | None = None) -> np.ndarray:
-    """A prepared split as uint8 tokens; a missing, empty or altered file is one clear error."""
+def load_tokens(path: Path, expected_sha256: str | None = None, dtype: str = "uint8") -> np.ndarray:
+    """A prepared split as tokens of `dtype` (meta.json's token_dtype); a missing, empty or altered file is one
+    clear error."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path} (run `python -m trainer.prepare --out {path.parent}`)")
@@ -183,7 +256,15 @@ def load_tokens(path: Path, expected_sha256: str | None = None) -> np.ndarray:
         raise DataError(f"data file is empty: {path}")
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise DataError(f"data file {path} does not match its checksum in meta.json (corrupt or altered)")
-    return np.frombuffer(data, dtype=np.uint8)
+    if len(data) % np.dtype(dtype).itemsize:
+        raise DataError(f"data file {path} is not a whole number of {dtype} tokens (corrupt)")
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def token_bytes_of(meta: dict) -> np.ndarray | None:
+    """Each token id's length in bytes (None for byte tokens: one each)."""
+    lengths = meta.get("token_bytes")
+    return np.asarray(lengths, dtype=np.int64) if lengths is not None else None
 
 
 def load_meta(directory: Path) -> dict:
@@ -214,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--train-bytes", type=int, default=SYNTH_TRAIN_BYTES)
     parser.add_argument("--val-bytes", type=int, default=SYNTH_VAL_BYTES)
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bytes")
+    parser.add_argument("--vocab-size", type=int, default=BPE_VOCAB_SIZE, help="BPE vocabulary size (with --tokenizer bpe)")
     args = parser.parse_args(argv)
     try:
-        meta = prepare(args.out, args.data, args.seed, args.sha256, args.train_bytes, args.val_bytes)
+        meta = prepare(args.out, args.data, args.seed, args.sha256, args.train_bytes, args.val_bytes, args.tokenizer,
+                       args.vocab_size)
     except DataError as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Train a small GPT on byte tokens for a fixed wall-clock budget.
+"""Train a small GPT on the lab's tokens (bytes, or BPE ids: data/meta.json says) for a fixed wall-clock budget.
 
 All of this file is the agent's to change; the rest of trainer/ is fixed (contract.py says what evaluation needs).
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from trainer.contract import EVAL_SEQ_LENS, VOCAB_SIZE, save_checkpoint
 from trainer.hardware import mfu
-from trainer.prepare import training_deadline
+from trainer.prepare import load_meta, training_deadline
 
 # ---- knobs (the agent's search space) ----------------------------------------------------------
 CONFIGS = {
@@ -115,12 +115,12 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, n_layer: int, n_head: int, n_embd: int, seq_len: int, mlp_ratio: int = 4,
-                 softcap: float | None = None, **_):
+                 softcap: float | None = None, vocab_size: int = VOCAB_SIZE, **_):
         super().__init__()
         self.softcap = softcap
-        self.embed = nn.Embedding(VOCAB_SIZE, n_embd)
+        self.embed = nn.Embedding(vocab_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, mlp_ratio) for _ in range(n_layer))
-        self.head = nn.Linear(n_embd, VOCAB_SIZE, bias=False)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
         cos, sin = rope_tables(max(seq_len, ROPE_MIN_POSITIONS), n_embd // n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -134,7 +134,7 @@ class GPT(nn.Module):
         nn.init.zeros_(self.head.weight)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, VOCAB_SIZE) for next-token prediction; position t sees tokens 0..t only."""
+        """Logits (B, T, vocab_size) for next-token prediction; position t sees tokens 0..t only."""
         x = F.rms_norm(self.embed(idx), (self.embed.embedding_dim,))
         for block in self.blocks:
             x = block(x, self.cos, self.sin)
@@ -153,14 +153,15 @@ def build_model(config: dict) -> GPT:
 # ---- training ----------------------------------------------------------------------------------
 class Batches:
     """Endless random windows of the training split, (inputs, targets) shifted by one token. The split stays
-    in its stored dtype (uint8, one byte a token) and, on a GPU, lives on the device: each batch is one
-    gather there, with no host-to-device copy. Window starts come from a CPU generator, so a seed gives
-    the same windows on any device."""
+    in its stored dtype (uint8 bytes; uint16 BPE ids, held as int16 and unmasked after the gather) and, on a
+    GPU, lives on the device: each batch is one gather there, with no host-to-device copy. Window starts
+    come from a CPU generator, so a seed gives the same windows on any device."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, device: torch.device):
+        self.wide = tokens.dtype == np.uint16
         with warnings.catch_warnings():  # a read-only array is fine: batches gather from it and never write
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            data = torch.from_numpy(tokens)
+            data = torch.from_numpy(tokens.view(np.int16) if self.wide else tokens)
         self.data = data.to(device) if device.type == "cuda" else data
         self.offsets = torch.arange(seq_len + 1, device=self.data.device)
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -173,6 +174,8 @@ class Batches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, len(self.data) - self.seq_len - 1, (self.batch_size, 1), generator=self.generator)
         window = self.data[starts.to(self.data.device) + self.offsets].long()
+        if self.wide:
+            window &= 0xFFFF
         return window[:, :-1].to(self.device, non_blocking=True), window[:, 1:].to(self.device, non_blocking=True)
 
 
@@ -242,7 +245,8 @@ def make_optimizers(model: nn.Module, cfg: dict, fused: bool) -> list[torch.opti
 
 def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The training loss; compiled with the model, so the cross-entropy fuses with the head."""
-    return F.cross_entropy(model(inputs).view(-1, VOCAB_SIZE), targets.reshape(-1))
+    logits = model(inputs)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def flops_per_token(model: GPT, cfg: dict) -> float:
@@ -275,6 +279,7 @@ def train(cfg: dict, train_tokens: np.ndarray, out: Path, device: str | torch.de
         if not on_gpu:
             torch.set_num_threads(1)
     model_cfg = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "seq_len", "mlp_ratio", "softcap")}
+    model_cfg["vocab_size"] = cfg.get("vocab_size", VOCAB_SIZE)
     model = build_model(model_cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     optimizers = make_optimizers(model, cfg, fused=on_gpu)
@@ -368,7 +373,7 @@ def parse_setting(text: str, cfg: dict) -> tuple[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train a small byte-level GPT for a fixed wall-clock budget.")
+    parser = argparse.ArgumentParser(description="Train a small GPT for a fixed wall-clock budget.")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-tiny")
     parser.add_argument("--data", type=Path, default=Path("data"), help="prepared data directory (train.bin)")
     parser.add_argument("--out", type=Path, default=Path("out"))
@@ -406,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {train_file} is missing or too small (run `python -m trainer.prepare --out {args.data}`)",
               file=sys.stderr)
         return 2
-    tokens = np.memmap(train_file, dtype=np.uint8, mode="c")  # paged in as read; copy-on-write keeps torch happy
+    meta = load_meta(args.data) if (args.data / "meta.json").exists() else {}
+    cfg["vocab_size"] = meta.get("vocab_size", VOCAB_SIZE)
+    tokens = np.memmap(train_file, dtype=meta.get("token_dtype", "uint8"), mode="c")  # paged in as read (copy-on-write)
     train(cfg, tokens, args.out, device, args.steps, args.seed, args.deterministic,
           deadline=training_deadline(cfg["time_budget"]))
     return 0

