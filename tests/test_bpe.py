@@ -142,3 +142,17 @@ def test_train_py_learns_bpe_tokens_and_stays_above_the_floor(data, meta, val, t
     assert meta["floor_bpb"] < result["val_bpb"] < meta["unigram_bpb"]  # it learnt, and nothing impossible
     assert result["attainable_bpb"] == meta["floor_bpb"] and result["attainable_bpb_se"] == 0.0
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 40
+
+
+def test_a_parquet_shard_gets_bpe_tokens_too(tmp_path):
+    import pyarrow as pa  # a test dependency (`make setup` installs it)
+    import pyarrow.parquet as pq
+
+    documents = [f"document {i}: {TEXT[i % 50 : i % 50 + 400]}" for i in range(60)]
+    pq.write_table(pa.table({"text": documents}), tmp_path / "shard.parquet")
+    meta = prepare.prepare(tmp_path / "out", str(tmp_path / "shard.parquet"), tokenizer="bpe", vocab_size=500)
+    raw = "\n".join(documents).encode()
+    assert meta["train_bytes"] + meta["val_bytes"] == len(raw)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "out" / prepare.TOKENIZER_FILE))
+    val = prepare.load_tokens(tmp_path / "out" / "val.bin", meta["val_sha256"], "uint16")
+    assert tokenizer.decode(val.tolist()).encode() == raw[meta["train_bytes"]:]
