@@ -171,7 +171,8 @@ def show(
 
     with open_ledger(lab) as ledger:
         e = experiment_or_error(ledger, experiment_id)
-    out.print(experiment_detail(e, max_diff_chars=200_000), highlight=False, markup=False)
+        parent = ledger.experiment(e.parent_id) if e.parent_id else None
+    out.print(experiment_detail(e, max_diff_chars=200_000, parent=parent), highlight=False, markup=False)
     if e.log_tail and e.status not in ("crash", "timeout"):
         out.print("log tail:\n" + printable(e.log_tail), highlight=False, markup=False)
 

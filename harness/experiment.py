@@ -83,16 +83,19 @@ class _Standby:
 class ExperimentJob:
     """Run one experiment of the session's working container; `run()` returns its recorded ledger row."""
 
-    def __init__(self, session: Session, workbench: Workbench, executor: Executor, description: str):
+    def __init__(self, session: Session, workbench: Workbench, executor: Executor, description: str,
+                 hypothesis: str | None = None, expected_delta: float | None = None):
         self.session, self.workbench, self.executor = session, workbench, executor
         self.description = " ".join(printable(description).split())[:500]  # one line, in tables and the live view
+        self.hypothesis = " ".join(printable(hypothesis).split())[:1000] if hypothesis else None
+        self.expected_delta = expected_delta
         self.timings: dict[str, float] = {}  # {phase: seconds}, recorded with the row
         self.fields: dict = {}
 
     def run(self) -> Experiment:
         session, base = self.session, self.session.base
         parent_sources = session.sources(base.id) if base else session.root_sources()
-        experiment_id = session.begin_experiment(self.description, base)
+        experiment_id = session.begin_experiment(self.description, base, self.hypothesis, self.expected_delta)
         started = time.monotonic()
         self.fields = session.take_usage()
         with ThreadPoolExecutor(4, thread_name_prefix="experiment") as pool, _Standby() as standby:

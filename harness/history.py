@@ -47,8 +47,25 @@ def experiment_list(experiments: list[Experiment], limit: int) -> str:
     return "\n".join([header, *(summary_line(e) for e in shown)])
 
 
-def experiment_detail(e: Experiment, max_diff_chars: int = 6000) -> str:
+def measured_delta(e: Experiment, parent: Experiment | None) -> float | None:
+    """The change of val_bpb against the parent (negative: better), when both have one."""
+    return e.metric - parent.metric if e.metric is not None and parent is not None and parent.metric is not None else None
+
+
+def effect_text(e: Experiment, parent: Experiment | None) -> str | None:
+    """The agent's stated hypothesis and expectation next to the measured effect (None: it stated neither)."""
+    if e.hypothesis is None and e.expected_delta is None:
+        return None
+    delta = measured_delta(e, parent)
+    expected = f"expected Δ {e.expected_delta:+.4f}" if e.expected_delta is not None else "no expected Δ"
+    measured = f"measured Δ {delta:+.4f}" if delta is not None else "no measured Δ"
+    return f"hypothesis: {printable(e.hypothesis or '-')}\n{expected}, {measured} (val_bpb against #{e.parent_id or '-'})"
+
+
+def experiment_detail(e: Experiment, max_diff_chars: int = 6000, parent: Experiment | None = None) -> str:
     lines = [summary_line(e), f"snapshot: {printable(e.snapshot or '-')}"]
+    if effect := effect_text(e, parent):
+        lines.append(effect)
     if e.memory_bytes:
         lines.append(f"peak memory: {e.memory_bytes / 1024**3:.2f} GB; training {e.train_seconds or 0:.1f} s")
     if e.tokens_in or e.tokens_out:

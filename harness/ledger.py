@@ -27,7 +27,7 @@ ADDED_COLUMNS = {
     "sessions": ["resumable INTEGER NOT NULL DEFAULT 1", "base_experiment_id INTEGER REFERENCES experiments(id)",
                  "root_sources_json TEXT"],
     "experiments": ["eval_json TEXT", "sources_json TEXT", "train_seconds REAL", "timings_json TEXT",
-                    "compile_cache TEXT"],
+                    "compile_cache TEXT", "hypothesis TEXT", "expected_delta REAL"],
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     train_seconds REAL,
     timings_json TEXT,
     compile_cache TEXT,
+    hypothesis TEXT,
+    expected_delta REAL,
     started_at TEXT NOT NULL,
     finished_at TEXT
 );
@@ -129,6 +131,8 @@ class Experiment(BaseModel):
     train_seconds: float | None = None  # wall-clock seconds of the training process, host clock
     timings_json: str | None = None  # {phase: seconds}: snapshot, train_start, train, eval_start, eval, ...
     compile_cache: str | None = None  # off | cold | warm: whether training started with the lab's compile cache
+    hypothesis: str | None = None  # the agent's, stated before the result: what the change should do, and why
+    expected_delta: float | None = None  # the agent's expected change of val_bpb against the parent (negative: better)
     started_at: str
     finished_at: str | None = None
 
@@ -255,11 +259,12 @@ class Ledger:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # -- experiments -------------------------------------------------------------------------------
-    def begin_experiment(self, session_id: str, parent_id: int | None, description: str) -> int:
+    def begin_experiment(self, session_id: str, parent_id: int | None, description: str, hypothesis: str | None = None,
+                         expected_delta: float | None = None) -> int:
         with self.transaction() as db:
             cursor = db.execute(
-                "INSERT INTO experiments (session_id, parent_id, status, description, started_at) VALUES (?, ?, 'running', ?, ?)",
-                (session_id, parent_id, description, _now()))
+                "INSERT INTO experiments (session_id, parent_id, status, description, hypothesis, expected_delta, started_at)"
+                " VALUES (?, ?, 'running', ?, ?, ?, ?)", (session_id, parent_id, description, hypothesis, expected_delta, _now()))
             return int(cursor.lastrowid)
 
     def finish_experiment(self, experiment_id: int, status: Status, **fields) -> Experiment:

@@ -123,6 +123,7 @@ def results_table(experiments: list[Experiment], title: str = "experiments") -> 
             f"{e.floor_gap:.4f}" if e.floor_gap is not None else "-",
             f"{e.memory_bytes / 1024**3:.2f}" if e.memory_bytes else "-", f"{e.seconds or 0:.1f}",
             f"{e.tokens_in + e.tokens_out:,}" if e.tokens_in or e.tokens_out else "-",
-            f"{e.cost_usd:.4f}" if e.cost_usd else "-", escape(e.description[:80]),
+            f"{e.cost_usd:.4f}" if e.cost_usd else "-",
+            escape(e.description[:80] + (f" (expects {e.expected_delta:+.4f})" if e.expected_delta is not None else "")),
         )
     return table

@@ -90,8 +90,9 @@ class LabRun:
         self.close(*closing_reason(exc, self.session.stop))
 
     # -- what the session is for -------------------------------------------------------------------
-    def run_experiment(self, description: str) -> Experiment:
-        job = ExperimentJob(self.session, self.workbench, self.executor, description)
+    def run_experiment(self, description: str, hypothesis: str | None = None,
+                       expected_delta: float | None = None) -> Experiment:
+        job = ExperimentJob(self.session, self.workbench, self.executor, description, hypothesis, expected_delta)
         experiment = job.run()
         self.last_timings = job.timings  # the reset happens after the row is written; benchmarks read it here
         return experiment

@@ -207,9 +207,11 @@ class Session:
                                      tool_input, text, is_error, seconds)
         self.progress.tool_call(name, is_error)
 
-    def begin_experiment(self, description: str, base: Experiment | None) -> int:
+    def begin_experiment(self, description: str, base: Experiment | None, hypothesis: str | None = None,
+                         expected_delta: float | None = None) -> int:
         """A `running` row for an experiment of the session's `base` (the caller has just read it)."""
-        experiment_id = self.ledger.begin_experiment(self.session_id, base.id if base else None, description)
+        experiment_id = self.ledger.begin_experiment(self.session_id, base.id if base else None, description,
+                                                     hypothesis, expected_delta)
         failpoints.reach("experiment.begun")
         self.calls_since_experiment = 0
         self.progress.experiment_started(experiment_id, description)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness import failpoints, history
 from harness.ledger import Experiment
@@ -22,7 +22,6 @@ from harness.session import Session
 from harness.text import clip, one_line, printable
 from harness.workbench import Workbench
 from sandbox.errors import EngineUnavailable, FileMissing, FileTooLarge, PathRefused, SandboxClosed, SandboxError
-from sandbox.files import workspace_relpath
 
 log = structlog.get_logger(__name__)
 
@@ -50,19 +49,29 @@ class _Input(BaseModel):
 
 
 class BashInput(_Input):
-    command: str = Field(min_length=1, description="A bash script, run in /workspace as the unprivileged user.")
+    """Anthropic's bash tool (bash_20250124): `command`, or `restart`; `timeout` is labrat's own (the offline
+    agent's and the tests'; the model's schema is Anthropic's)."""
+    command: str | None = Field(None, min_length=1, description="A bash script, run in /workspace as the unprivileged user.")
+    restart: bool = False
     timeout: float | None = Field(None, gt=0, le=BASH_MAX_TIMEOUT, description="Seconds before it is killed (default 120).")
 
     @field_validator("command")
     @classmethod
-    def _no_nul(cls, command: str) -> str:
-        if "\x00" in command:  # an exec argument cannot hold one: the engine would fail with "invalid argument"
+    def _no_nul(cls, command: str | None) -> str | None:
+        if command is not None and "\x00" in command:  # an exec argument cannot hold one: the engine would refuse it
             raise ValueError("a command cannot contain a NUL byte")
         return command
 
+    @model_validator(mode="after")
+    def _command_or_restart(self) -> BashInput:
+        if self.command is None and not self.restart:
+            raise ValueError("give a command (or restart: true)")
+        return self
+
 
 class EditorInput(_Input):
-    command: Literal["view", "create", "str_replace", "insert", "undo_edit"]
+    """Anthropic's text editor (text_editor_20250728, named str_replace_based_edit_tool): no undo_edit."""
+    command: Literal["view", "create", "str_replace", "insert"]
     path: str = Field(min_length=1, max_length=4096,
                       description="A path in /workspace (absolute, or relative to /workspace).")
     file_text: str | None = Field(None, description="create: the whole content of the file.")
@@ -74,7 +83,11 @@ class EditorInput(_Input):
 
 
 class RunExperimentInput(_Input):
-    description: str = Field(min_length=1, max_length=500, description="One line: the change and the hypothesis.")
+    description: str = Field(min_length=1, max_length=500, description="One line: the change.")
+    hypothesis: str | None = Field(None, max_length=1000, description="Why it should help, stated before the result.")
+    expected_delta: float | None = Field(None, ge=-10, le=10, allow_inf_nan=False,
+                                         description="The change of val_bpb you expect against the current best "
+                                                     "(negative: better), e.g. -0.01.")
 
 
 class ListExperimentsInput(_Input):
@@ -94,7 +107,7 @@ TOOLS: dict[str, tuple[type[_Input], str]] = {
     "bash": (BashInput, "Run a bash command in the sandbox (no network; /workspace holds trainer/; the training split "
                         "is read-only at /data). Output is truncated; processes do not outlive the call."),
     "str_replace_based_edit_tool": (EditorInput, "View and edit files in /workspace: view, create, str_replace "
-                                                 "(old_str must be unique), insert, undo_edit."),
+                                                 "(old_str must be unique), insert."),
     "run_experiment": (RunExperimentInput, "Train the current trainer/train.py for the fixed budget and evaluate it "
                                            "on held-out data. Kept if better, else the workspace returns to the best "
                                            "version. Returns the measured val_bpb."),
@@ -104,10 +117,19 @@ TOOLS: dict[str, tuple[type[_Input], str]] = {
 }
 
 
+# The shell and the editor are Anthropic-defined tools: the model gets the schemas it was trained on. The
+# rest are labrat's own, described by their pydantic models.
+ANTHROPIC_TOOLS = {"bash": {"type": "bash_20250124"},
+                   "str_replace_based_edit_tool": {"type": "text_editor_20250728", "max_characters": MODEL_OUTPUT_CHARS}}
+
+
 def tool_specs() -> list[dict]:
     """The tools in the Anthropic Messages API format."""
     specs = []
     for name, (model, description) in TOOLS.items():
+        if name in ANTHROPIC_TOOLS:
+            specs.append({**ANTHROPIC_TOOLS[name], "name": name})
+            continue
         schema = model.model_json_schema()
         schema.pop("title", None)
         for prop in schema.get("properties", {}).values():
@@ -158,7 +180,8 @@ class Toolbox:
     """Executes an agent's tool calls for one session; every call is recorded in the ledger. The agent's
     only handle on the harness: it also takes the agent's API spend (`charge`)."""
 
-    def __init__(self, session: Session, workbench: Workbench, run_experiment: Callable[[str], Experiment]):
+    def __init__(self, session: Session, workbench: Workbench,
+                 run_experiment: Callable[[str, str | None, float | None], Experiment]):
         self.session, self.workbench = session, workbench
         self._run_experiment_job = run_experiment
 
@@ -206,6 +229,8 @@ class Toolbox:
 
     # -- bash ----------------------------------------------------------------------------------------
     def _bash(self, args: BashInput) -> ToolResult:
+        if args.command is None:  # restart: there is no shell to restart, each call runs in a fresh one
+            return ToolResult(text="the shell was restarted (each call runs in a fresh shell; the workspace is as it was)")
         timeout = args.timeout or BASH_DEFAULT_TIMEOUT
         run = self.workbench.box.exec(args.command, timeout=timeout)
         if run.limit == "died" or run.limit == "memory" and self.workbench.is_dead():
@@ -233,21 +258,6 @@ class Toolbox:
         except UnicodeDecodeError:
             raise ToolError(f"{path} is not UTF-8 text; the editor only handles text") from None
 
-    def _current(self, path: str) -> str | None:
-        try:
-            return self._read(path)
-        except FileMissing:
-            return None
-
-    def _undo_key(self, path: str) -> str:
-        # "/workspace/a.py", "a.py" and "./a.py" are one file with one undo history
-        return workspace_relpath(path, self.workbench.box.policy.workspace)
-
-    def _write(self, path: str, text: str) -> None:
-        previous = self._current(path)
-        self.workbench.box.write_file(path, text)
-        self.workbench.undo.setdefault(self._undo_key(path), []).append(previous)
-
     def _edit_view(self, args: EditorInput) -> ToolResult:
         try:
             text = self._read(args.path)
@@ -270,7 +280,7 @@ class Toolbox:
     def _edit_create(self, args: EditorInput) -> ToolResult:
         if args.file_text is None:
             raise ToolError("create needs file_text")
-        self._write(args.path, args.file_text)
+        self.workbench.box.write_file(args.path, args.file_text)
         return ToolResult(text=f"wrote {args.path} ({len(args.file_text.encode())} bytes)")
 
     def _edit_str_replace(self, args: EditorInput) -> ToolResult:
@@ -286,7 +296,7 @@ class Toolbox:
             raise ToolError(f"no replacement was performed: old_str occurs {count} times (lines {line_numbers}); "
                             "include more context to make it unique")
         new_text = text.replace(args.old_str, args.new_str or "")
-        self._write(args.path, new_text)
+        self.workbench.box.write_file(args.path, new_text)
         line = text[: text.index(args.old_str)].count("\n") + 1
         snippet_lines = new_text.splitlines()[max(0, line - 4): line + 4 + (args.new_str or "").count("\n")]
         snippet = "\n".join(f"{max(1, line - 3) + i:6}\t{s}" for i, s in enumerate(snippet_lines))
@@ -303,26 +313,16 @@ class Toolbox:
         if lines and not lines[-1].endswith("\n") and args.insert_line == len(lines):
             lines[-1] += "\n"
         lines.insert(args.insert_line, new if new.endswith("\n") else new + "\n")
-        self._write(args.path, "".join(lines))
+        self.workbench.box.write_file(args.path, "".join(lines))
         return ToolResult(text=f"inserted {new.count(chr(10)) + 1} line(s) after line {args.insert_line} of {args.path}")
-
-    def _edit_undo_edit(self, args: EditorInput) -> ToolResult:
-        stack = self.workbench.undo.get(self._undo_key(args.path))
-        if not stack:
-            raise ToolError(f"no edit of {args.path} to undo (edits are undoable until the next experiment)")
-        previous = stack.pop()
-        if previous is None:
-            self.workbench.box.delete_file(args.path)
-            return ToolResult(text=f"undone: {args.path} did not exist before, it was removed")
-        self.workbench.box.write_file(args.path, previous)
-        return ToolResult(text=f"undone: {args.path} is back to its previous content")
 
     # -- experiments and history ----------------------------------------------------------------------
     def _run_experiment(self, args: RunExperimentInput) -> ToolResult:
         # The description is shown in tables and the live view, which rich renders as markup: a "[/]" would
         # crash `labrat log`, so brackets become parentheses (as in the agent's failure reasons).
         description = args.description.replace("[", "(").replace("]", ")")
-        experiment = self._run_experiment_job(description)
+        hypothesis = args.hypothesis.replace("[", "(").replace("]", ")") if args.hypothesis else None
+        experiment = self._run_experiment_job(description, hypothesis, args.expected_delta)
         return ToolResult(text=outcome_text(experiment, self.session.base),
                           is_error=experiment.status in ("crash", "timeout"))
 
@@ -334,7 +334,8 @@ class Toolbox:
             experiment = self.session.ledger.experiment(args.id)
         except KeyError:
             raise ToolError(f"no experiment #{args.id}") from None
-        return ToolResult(text=history.experiment_detail(experiment))
+        parent = self.session.ledger.experiment(experiment.parent_id) if experiment.parent_id else None
+        return ToolResult(text=history.experiment_detail(experiment, parent=parent))
 
     def _sources(self, experiment_id: int) -> dict[str, str]:
         try:

@@ -2,8 +2,7 @@
 
 The workbench is its only owner. It starts it, replaces it after every experiment (with the candidate
 if it was kept, the old base otherwise), restores it after it died or the engine restarted, and says
-whether it is alive. The editor's undo history lives here too, because it is only true of the
-container it was made in: every replacement clears it.
+whether it is alive.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ class Workbench:
         self.session_id = session_id
         self._base = base  # the session's base snapshot, asked for each time: a keep moves it
         self.box: Sandbox | None = None
-        self.undo: dict[str, list[str | None]] = {}  # path -> earlier contents (None: it did not exist)
 
     def start(self) -> None:
         """A fresh working container of the session's base (the sandbox image before any keep)."""
@@ -56,7 +54,7 @@ class Workbench:
             return
         if self.box is not None:
             self.box.close_later()
-        self.box, self.undo = box, {}
+        self.box = box
 
     def restore(self) -> None:
         """After the working container died or the engine went away (restarted, crashed): wait for the engine,
@@ -74,7 +72,6 @@ class Workbench:
         if self.box is not None:
             self.box.close()
             self.box = None
-        self.undo = {}
 
     def read_sources(self, parent: dict[str, str]) -> dict[str, str]:
         """{path: text} of every source file in /workspace: the parent's text where the content hash is

@@ -132,6 +132,12 @@ def _count_cache(value) -> int:
     return 0
 
 
+# Anthropic-defined tool types the fake API accepts, with the name each must have (the API's own rule).
+ANTHROPIC_DEFINED_TOOLS = {"bash_20250124": "bash", "text_editor_20250124": "str_replace_editor",
+                           "text_editor_20250429": "str_replace_based_edit_tool",
+                           "text_editor_20250728": "str_replace_based_edit_tool"}
+
+
 def check_request(body: dict) -> str | None:
     """What the real API would refuse in this request body (a 400's message), or None."""
     if not isinstance(body.get("model"), str) or not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
@@ -142,8 +148,12 @@ def check_request(body: dict) -> str | None:
     if messages[0].get("role") != "user":
         return "messages: first message must use the \"user\" role"
     for tool_spec in body.get("tools") or []:
-        if not tool_spec.get("name") or not isinstance(tool_spec.get("input_schema"), dict):
-            return "tools: each tool needs a name and an input_schema"
+        kind = tool_spec.get("type", "custom")
+        if kind in ANTHROPIC_DEFINED_TOOLS:  # the schema is the API's: a name it fixes, and no input_schema
+            if tool_spec.get("name") != ANTHROPIC_DEFINED_TOOLS[kind] or "input_schema" in tool_spec:
+                return f"tools: a {kind} tool must be named {ANTHROPIC_DEFINED_TOOLS[kind]!r} and has no input_schema"
+        elif kind != "custom" or not tool_spec.get("name") or not isinstance(tool_spec.get("input_schema"), dict):
+            return "tools: each custom tool needs a name and an input_schema"
     for block in body.get("system") or []:
         if block.get("type") != "text" or not block.get("text"):
             return "system: text content blocks must be non-empty"

@@ -26,7 +26,7 @@ from harness.config import ConfigError, load_config
 from harness.lab import LEDGER_FILE, read_program
 from harness.ledger import Ledger
 from harness.run import LabRun
-from harness.tools import TOOLS
+from harness.tools import TOOLS, tool_specs
 from sandbox.engine import LABEL_OWNER_PID, LABEL_ROLE, LABEL_SESSION, client, owner_labels
 from sandbox.snapshots import SnapshotStore
 from tests.conftest import LABRAT, SESSION, make_lab
@@ -157,7 +157,9 @@ def test_scripted_session_edits_runs_and_accounts_tokens(lab, fake_anthropic):
         reply(tool(EDITOR, {"command": "view", "path": TRAIN}), text="Let me read the trainer first."),
         reply(tool(EDITOR, {"command": "str_replace", "path": TRAIN,
                             "old_str": "embed_lr=0.3,", "new_str": "embed_lr=0.5,"})),
-        reply(tool("run_experiment", {"description": "embed_lr 0.3 -> 0.5: learn faster in a 3 s budget"})),
+        reply(tool("run_experiment", {"description": "embed_lr 0.3 -> 0.5: learn faster in a 3 s budget",
+                                      "hypothesis": "a higher embedding rate [learns] faster in a short budget",
+                                      "expected_delta": -0.01})),
     )
     outcome = run_session(lab)
 
@@ -168,6 +170,8 @@ def test_scripted_session_edits_runs_and_accounts_tokens(lab, fake_anthropic):
     assert all(r.api_key == fake.api_key for r in fake.requests)
     assert first["model"] == "claude-opus-4-5" and first["max_tokens"] > 0
     assert [t["name"] for t in first["tools"]] == list(TOOLS)
+    # The shell and the editor travel as Anthropic-defined tools (the fake API checks their fixed names).
+    assert [t.get("type", "custom") for t in first["tools"]][:2] == ["bash_20250124", "text_editor_20250728"]
     assert read_program(lab).strip() in first["system"][-1]["text"]
     assert "run_experiment" in first["system"][0]["text"]
     assert "No experiments yet" in first["messages"][0]["content"][0]["text"]
@@ -191,6 +195,9 @@ def test_scripted_session_edits_runs_and_accounts_tokens(lab, fake_anthropic):
     experiment, = ledger.experiments()
     assert experiment.status == "keep" and experiment.metric is not None
     assert experiment.description == "embed_lr 0.3 -> 0.5: learn faster in a 3 s budget"
+    # The hypothesis and the expected effect are on record (brackets made safe for rich), next to the result.
+    assert experiment.hypothesis == "a higher embedding rate (learns) faster in a short budget"
+    assert experiment.expected_delta == -0.01
     changed = [line for line in experiment.diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     assert len(changed) == 2 and "embed_lr=0.3," in changed[0]
     assert changed[1] == "+" + changed[0][1:].replace("embed_lr=0.3,", "embed_lr=0.5,")
@@ -522,3 +529,19 @@ def test_the_context_stays_bounded_over_many_experiments(lab, fake_anthropic, mo
     ledger = ledger_of(lab)
     assert all(e.tokens_in > 0 and e.cost_usd > 0 for e in ledger.experiments())
     ledger.close()
+
+
+def test_the_fake_api_checks_tools_as_the_real_one_does():
+    """Both forms of tool: Anthropic-defined (type and fixed name, no schema) and custom (name and schema)."""
+    from tests.fake_anthropic import check_request
+
+    def request(*tools):
+        return {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "tools": list(tools)}
+
+    assert check_request(request(*tool_specs())) is None  # what the agent sends
+    assert "must be named 'str_replace_based_edit_tool'" in check_request(
+        request({"type": "text_editor_20250728", "name": "editor"}))
+    assert "has no input_schema" in check_request(
+        request({"type": "bash_20250124", "name": "bash", "input_schema": {"type": "object"}}))
+    assert "each custom tool needs a name and an input_schema" in check_request(request({"name": "run_experiment"}))
+    assert "each custom tool needs" in check_request(request({"type": "computer_20990101", "name": "x", "input_schema": {}}))

@@ -54,6 +54,22 @@ def test_the_loader_gathers_windows_from_the_uint8_split_without_widening_it():
     assert torch.equal(next(again)[0], inputs)  # the seed fixes the windows
 
 
+def test_the_loader_keeps_bpe_ids_in_two_bytes_and_gives_them_back_whole():
+    """uint16 ids are held as int16 (a dtype every device gathers) and unmasked after the gather: ids of
+    32768 and above come back as themselves, not negative."""
+    tokens = np.random.default_rng(1).integers(0, 65_536, 50_000, dtype=np.uint16)
+    tokens[:40] = [65_535, 32_768, 32_767, 0] * 10
+    batches = tr.Batches(tokens, batch_size=64, seq_len=16, seed=5, device=torch.device("cpu"))
+    assert batches.data.dtype == torch.int16 and batches.data.data_ptr() == tokens.ctypes.data
+    inputs, targets = next(batches)
+    assert inputs.min() >= 0 and inputs.max() < 65_536 and inputs.max() >= 32_768
+    starts = [int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(tokens, 16) == row.numpy(), axis=1))[0])
+              for row in inputs[:4]]
+    for start, row_out in zip(starts, targets[:4], strict=True):
+        assert np.array_equal(tokens[start + 1 : start + 17], row_out.numpy())  # a real window, shifted by one
+    assert torch.equal(batches.data[:4].long() & 0xFFFF, torch.tensor([65_535, 32_768, 32_767, 0]))
+
+
 def test_a_memory_mapped_split_is_not_loaded_whole(tmp_path):
     path = tmp_path / "train.bin"
     np.random.default_rng(1).integers(0, 256, 64 << 20, dtype=np.uint8).tofile(path)

@@ -92,7 +92,11 @@ class OfflineAgent:
                             {"command": "str_replace", "path": TRAIN_FILE, "old_str": block, "new_str": new_block})
         if edit.is_error:
             return f"offline agent could not edit {TRAIN_FILE}: {edit.text[:200]}"
-        toolbox.call("run_experiment", {"description": f"{knob}: {_fmt(old)} -> {_fmt(new)}"})
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new))
+        direction = ("larger" if new > old else "smaller") if numeric else "different"
+        toolbox.call("run_experiment", {"description": f"{knob}: {_fmt(old)} -> {_fmt(new)}",
+                                        "hypothesis": f"a {direction} {knob} trains better in this budget "
+                                                      "(a hill-climbing step; no expectation of its size)"})
         return None
 
     def _choose(self, lab: LabView, knobs: dict) -> tuple[str, object, object] | None:

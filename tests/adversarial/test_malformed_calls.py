@@ -69,12 +69,13 @@ paths = st.one_of(st.sampled_from(NASTY + ["trainer/train.py", "trainer", "train
 lines = st.one_of(st.integers(-2, 400), integers)
 # Each tool's fields with values of the right type (mostly) and nasty content: these reach the code that acts.
 TYPED = {
-    "bash": {"command": clean, "timeout": st.one_of(st.floats(0.001, 5), st.integers(-1, 700), st.floats())},
-    EDIT: {"command": st.sampled_from(["view", "create", "str_replace", "insert", "undo_edit"]),
+    "bash": {"command": clean, "restart": st.booleans(),
+             "timeout": st.one_of(st.floats(0.001, 5), st.integers(-1, 700), st.floats())},
+    EDIT: {"command": st.sampled_from(["view", "create", "str_replace", "insert", "undo_edit"]),  # no undo_edit now
            "path": paths, "file_text": clean, "old_str": st.one_of(clean, st.sampled_from(["import", "\n", "lr"])),
            "new_str": clean, "insert_line": lines, "insert_text": clean,
            "view_range": st.lists(lines, min_size=2, max_size=2)},
-    "run_experiment": {"description": clean},
+    "run_experiment": {"description": clean, "hypothesis": clean, "expected_delta": st.one_of(st.floats(), integers)},
     "list_experiments": {"limit": lines},
     "show_experiment": {"id": lines},
     "diff": {"a": lines, "b": lines},
@@ -160,7 +161,8 @@ def check_call(attacker: Attacker, name: object, tool_input: object) -> ToolResu
 
 def defuse(name: str, tool_input: object) -> object:
     """A valid bash call runs `: '<text>'` (the text reaches the engine, no random program runs)."""
-    if name == "bash" and isinstance(tool_input, dict) and is_valid(name, tool_input) is None:
+    if (name == "bash" and isinstance(tool_input, dict) and is_valid(name, tool_input) is None
+            and tool_input.get("command") is not None):
         return {"command": ": " + shlex.quote(tool_input["command"]), "timeout": min(tool_input.get("timeout") or 5, 5)}
     return tool_input
 
@@ -220,8 +222,8 @@ def test_each_precise_message(attacker):
                                                  "unable to parse raw data as a unicode string"),
         (EDIT, {"command": "view", "path": "a" * 5000}, f"invalid input for {EDIT}: path: String should have at "
                                                         "most 4096 characters"),
-        (EDIT, {"command": "undo_edit", "path": "\x1b]0;pwned\x07x.py"},
-         "no edit of \ufffd]0;pwned\ufffdx.py to undo (edits are undoable until the next experiment)"),
+        (EDIT, {"command": "\x1b]0;pwned\x07undo_edit", "path": "x.py"},
+         f"invalid input for {EDIT}: command: Input should be 'view', 'create', 'str_replace' or 'insert'"),
         ("\ud800bash", {}, "unknown tool '\\ud800bash'; the tools are: bash, str_replace_based_edit_tool, "
                            "run_experiment, list_experiments, show_experiment, diff"),
         (["bash"], {"command": "ls"}, "unknown tool ['bash']; the tools are: bash,"),  # was TypeError: unhashable

@@ -97,14 +97,15 @@ def test_a_model_that_prints_and_floods_stderr_is_evaluated_normally(attack: Att
 
 
 def test_stretching_the_time_budget_ends_as_timeout(attack: Attacker):
-    """train.py gives itself 1.6x the deadline it was told: the host kills it at the real one."""
+    """train.py gives itself 3x the deadline it was told: the host kills it at the real one. (The kill itself
+    takes a few seconds on a loaded machine, under gVisor more: the bound is the time it wanted, halved.)"""
     attack.patch_train("    deadline = time.time() + cfg[\"time_budget\"] if deadline is None else deadline\n",
                        "    deadline = time.time() + cfg[\"time_budget\"] if deadline is None else deadline\n"
-                       "    deadline = time.time() + 1.6 * (deadline - time.time())  # more time than anyone else\n")
+                       "    deadline = time.time() + 3 * (deadline - time.time())  # more time than anyone else\n")
     stretched = attack.run_experiment("a longer budget for me")
     config = attack.session.config
     assert stretched.status == "timeout" and "all-in, host clock" in stretched.log_tail, stretched.log_tail
-    assert config.time_budget <= stretched.train_seconds < config.time_budget + 5
+    assert config.time_budget <= stretched.train_seconds < 2 * config.time_budget
 
 
 def test_weights_made_outside_the_budget_never_reach_training(attack: Attacker):
