@@ -118,10 +118,16 @@ def status(lab: LabOption = Path(".")) -> None:
     """The lab at a glance: sessions, experiments by status, the best result, what is running."""
     from collections import Counter
 
+    from harness.noise import Runs, lab_noise
+
     with open_ledger(lab) as ledger:
         experiments = ledger.experiments()
         session = ledger.last_session()
         best = ledger.best()
+        noise = lab_noise(ledger, session.config) if session else None
+        best_runs = Runs.of(best, ledger.replicates(best.id)) if best else None
+        baseline = next((e for e in experiments if e.replicate_of is None and e.metric is not None), None)
+        baseline_runs = Runs.of(baseline, ledger.replicates(baseline.id)) if baseline else None
     counts = Counter(e.status for e in experiments)
     out.print(f"lab: {lab.resolve()}")
     if session is None:
@@ -135,6 +141,12 @@ def status(lab: LabOption = Path(".")) -> None:
     if best:
         gap = f", gap to floor {best.floor_gap:.4f}" if best.floor_gap is not None else ""
         out.print(f"best: #{best.id} val_bpb {best.metric:.6f}{gap}: {best.description}", highlight=False, markup=False)
+        if best_runs.n > 1:
+            out.print(f"best's runs: {best_runs.text()}", highlight=False)
+    if noise is not None:
+        floor = f"; baseline #{baseline.id}: {baseline_runs.text()}" if baseline_runs and baseline_runs.n > 1 else ""
+        seedless = " (train.py ignores the seed)" if baseline_runs and baseline_runs.ignores_seed else ""
+        out.print(f"noise of one run: {noise.text()}{floor}{seedless}", highlight=False)
     running = [e for e in experiments if e.status == "running"]
     if running:
         out.print(f"running: #{running[-1].id} {running[-1].description}", highlight=False, markup=False)
@@ -166,13 +178,13 @@ def show(
     lab: LabOption = Path("."),
 ) -> None:
     """One experiment: status, metric, snapshot, tokens, its diff against its parent, the log tail."""
-    from harness.history import experiment_detail
+    from harness.history import Standing, experiment_detail
     from harness.text import printable
 
     with open_ledger(lab) as ledger:
         e = experiment_or_error(ledger, experiment_id)
-        parent = ledger.experiment(e.parent_id) if e.parent_id else None
-    out.print(experiment_detail(e, max_diff_chars=200_000, parent=parent), highlight=False, markup=False)
+        standing = Standing.of(ledger, e, ledger.session(e.session_id).config)
+    out.print(experiment_detail(e, max_diff_chars=200_000, standing=standing), highlight=False, markup=False)
     if e.log_tail and e.status not in ("crash", "timeout"):
         out.print("log tail:\n" + printable(e.log_tail), highlight=False, markup=False)
 
@@ -193,6 +205,38 @@ def diff(
         old, new = ledger.sources(a), ledger.sources(b)
     text = unified_diff(old, new, f"#{a}", f"#{b}")
     out.print(text or f"#{a} and #{b} have the same sources", end="" if text else "\n", highlight=False, markup=False)
+
+
+@app.command()
+def noise(
+    lab: LabOption = Path("."),
+    experiment_id: Annotated[int | None, typer.Option("--experiment", help="The experiment to re-run (default: the "
+                                                      "session's base, else the best).")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, max=20, help="Runs to add (default: the lab's noise_seeds, "
+                                              "at least 2).")] = None,
+) -> None:
+    """Measure the noise floor now: re-run an experiment with fresh harness seeds; print its spread and the lab's."""
+    from harness.config import load_config
+    from harness.progress import LiveView
+    from harness.run import LabRun
+
+    config = load_config(lab)
+    logs.configure(file=lab / "logs" / "labrat.log", level="warning" if console.is_terminal else None)
+    with _spinner("starting") as update, LabRun(lab, config, agent="labrat noise", on_step=update) as lab_run:
+        session = lab_run.session
+        target = experiment_or_error(session.ledger, experiment_id) if experiment_id else (session.base or session.ledger.best())
+        if target is None:
+            raise ConfigError("no experiment to re-run yet: `labrat run` first")
+        count = seeds or max(config.noise_seeds, 2)
+        session.progress = LiveView(console, None, lab_run.data.floor_bpb)
+        update(f"re-running #{target.id} {count} times")
+        runs = lab_run.measure_noise(target, count)
+        noise_now = session.noise()
+        # A resumed session goes on at the next `labrat run`; a session opened for this ends here.
+        lab_run.close("noise measured", resumable=session.resumed)
+    seedless = " (train.py ignores the seed: every run scored the same)" if runs.ignores_seed else ""
+    out.print(f"#{target.id}: {runs.text()}{seedless}", highlight=False)
+    out.print(f"noise of one run in this lab: {noise_now.text()}", highlight=False)
 
 
 @app.command()

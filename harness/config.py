@@ -15,6 +15,9 @@ class ConfigError(Exception):
     """labrat.toml is missing, unparsable, or has an invalid value; the message names the key."""
 
 
+# What `labrat init` writes for a new lab where it differs from a key's default: a labrat.toml without the key
+# (an older lab) keeps the older behaviour, a greedy keep rule and one baseline run.
+NEW_LAB_SETTINGS = {"keep_rule": "significant", "noise_seeds": 3}
 SIZE_CLASS_DEFAULTS = {
     "gpu": {"time_budget": 300.0, "memory_gb": 32.0, "disk_gb": 8.0, "eval_tokens": 2_097_152, "eval_timeout": 900.0},
 }
@@ -39,8 +42,21 @@ class LabConfig(BaseModel):
                                                "trained on the lab's training split, fixed with the data)")
     vocab_size: int = Field(4096, gt=256, le=65_536, description="the BPE vocabulary's size (with tokenizer = bpe)")
     seed: int = 1337
-    keep_rule: Literal["better", "better_by"] = "better"
+    keep_rule: Literal["better", "better_by", "significant"] = Field(
+        "better", description="better (any gain), better_by (a gain over min_improvement), or significant (a gain "
+        "beyond the noise, confirmed with fresh seeds: docs/noise.md)")
     min_improvement: float = Field(0.0, ge=0, description="bpb a result must gain to be kept, with better_by")
+    noise_seeds: int = Field(1, ge=1, le=20, description="runs of the baseline with different harness seeds at the "
+                             "lab's start (the noise floor), and of a candidate under the significant rule")
+    significance: float = Field(0.05, gt=0, lt=0.5, description="the significant rule's false-keep rate for a change "
+                                "that cannot matter (a one-sided t-test's level)")
+    # The research program's frame (program.md): a run that breaks one is discarded with the reason.
+    max_params: int | None = Field(None, ge=1, description="weights a model may have (its checkpoint's tensors, "
+                                   "counted by the evaluation before the model's code runs)")
+    max_memory_gb: float | None = Field(None, gt=0, description="peak memory a training run may use (its "
+                                        "container's cgroup, read by the harness); memory_gb is the hard limit")
+    min_tokens_per_second: float | None = Field(None, gt=0, description="training throughput a run must reach, "
+                                                "as train.py's summary reports it (train.py's own count)")
     memory_gb: float = Field(4.0, gt=0)
     disk_gb: float = Field(4.0, gt=0, description="GiB a container may add to its writable layer (bounds every snapshot)")
     cpus: float | None = Field(None, gt=0)
@@ -58,6 +74,12 @@ class LabConfig(BaseModel):
         if isinstance(values, dict):
             values = {**SIZE_CLASS_DEFAULTS.get(values.get("trainer_config", "cpu-tiny"), {}), **values}
         return values
+
+    @model_validator(mode="after")
+    def _significant_needs_replicates(self) -> LabConfig:
+        if self.keep_rule == "significant" and self.noise_seeds < 2:
+            raise ValueError("keep_rule = significant needs noise_seeds of 2 or more (each candidate is confirmed)")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -1,5 +1,10 @@
 """One experiment as a unit of work: snapshot -> train -> evaluate -> verdict -> record.
 
+The verdict may need more runs of the same snapshot with fresh seeds: the lab's baseline is run
+`noise_seeds` times (the noise floor), and under the `significant` rule a candidate that passes the screen
+is confirmed (harness/noise.py). Each such run is a `replicate` row of its own, linked to the experiment,
+recorded before the experiment's verdict.
+
 `ExperimentJob` does not know where it runs: an `Executor` snapshots, trains and evaluates, and the one
 implementation today is the local Docker engine (harness/runner.py's LocalExecutor). The job's record
 is one ledger transaction (the verdict and, for a keep, the session's new base together).
@@ -22,7 +27,8 @@ import structlog
 
 from harness import failpoints, history
 from harness.config import LabConfig
-from harness.ledger import Experiment, Verdict
+from harness.ledger import Experiment, Status, Verdict
+from harness.noise import Runs, run_seed, screen, significance_test
 from harness.runner import EvalWorkers, EvaluationResult, Phase, TrainingResult, timed
 from harness.session import Session
 from harness.text import printable
@@ -40,7 +46,7 @@ class Executor(Protocol):
 
     def snapshot(self, box: Sandbox, name: str, labels: dict[str, str]) -> Snapshot: ...
     def train(self, snapshot: Snapshot, phase: Phase, timings: dict[str, float],
-              on_start: Callable[[], None]) -> TrainingResult: ...
+              on_start: Callable[[], None], seed: int | None) -> TrainingResult: ...
     def start_eval_workers(self) -> EvalWorkers: ...
     def evaluate(self, trained: TrainingResult, phase: Phase, timings: dict[str, float],
                  workers: EvalWorkers | None) -> EvaluationResult: ...
@@ -50,11 +56,29 @@ class Executor(Protocol):
 
 
 def verdict(metric: float, base: Experiment | None, config: LabConfig) -> Verdict:
-    """keep when the metric beats the base's (by `min_improvement` under the better_by rule), else discard."""
+    """The greedy rules: keep when the metric beats the base's (by `min_improvement` under better_by)."""
     if base is None or base.metric is None:
         return "keep"  # the first result of a lab is its baseline
     margin = config.min_improvement if config.keep_rule == "better_by" else 0.0
     return "keep" if metric < base.metric - margin else "discard"
+
+
+def frame_broken(config: LabConfig, fields: dict) -> str | None:
+    """The first constraint of the research program (labrat.toml) a scored run broke, else None. `fields`:
+    the run's row as recorded (eval_json from the evaluation, memory_bytes from the cgroup, summary_json)."""
+    parameters = json.loads(fields.get("eval_json") or "{}").get("parameters")
+    if config.max_params is not None and parameters is not None and parameters > config.max_params:
+        return f"broke max_params: {parameters:,} weights > {config.max_params:,}"
+    peak = fields.get("memory_bytes")
+    if config.max_memory_gb is not None and peak is not None and peak > config.max_memory_gb * 1024**3:
+        return f"broke max_memory_gb: peak {peak / 1024**3:.2f} GB > {config.max_memory_gb:g} GB"
+    if config.min_tokens_per_second is not None:
+        rate = json.loads(fields.get("summary_json") or "{}").get("tokens_per_s")
+        reported = isinstance(rate, (int, float)) and not isinstance(rate, bool)
+        if not reported or not rate >= config.min_tokens_per_second:  # NaN fails too
+            return (f"broke min_tokens_per_second: {f'{rate:,.0f}' if reported else 'no'} tokens/s reported "
+                    f"< {config.min_tokens_per_second:g}")
+    return None
 
 
 class _Standby:
@@ -98,6 +122,7 @@ class ExperimentJob:
         experiment_id = session.begin_experiment(self.description, base, self.hypothesis, self.expected_delta)
         started = time.monotonic()
         self.fields = session.take_usage()
+        self.fields["seed"] = run_seed(session.config.seed, experiment_id)
         with ThreadPoolExecutor(4, thread_name_prefix="experiment") as pool, _Standby() as standby:
             try:
                 snapshot = self._snapshot(experiment_id, base)
@@ -108,12 +133,18 @@ class ExperimentJob:
                     standby.add("keep", pool.submit(self.workbench.start_next, snapshot))
                     standby.add("discard", pool.submit(self.workbench.start_next, base.snapshot if base else None))
 
-                status = self._train_and_evaluate(snapshot, base, standby, while_training)
+                scored = self._train_and_score(snapshot, self.fields, self.timings, on_start=while_training,
+                                               workers=lambda: standby.take("eval"))
                 with timed(self.timings, "sources_wait"):
                     self.fields.update(sources_json=json.dumps(sources.result()),
                                        diff=history.unified_diff(parent_sources, sources.result(),
                                                                  f"#{base.id}" if base else "base", f"#{experiment_id}"))
                 failpoints.reach("experiment.sources_read")
+                if scored == "ok" and (broken := frame_broken(session.config, self.fields)):
+                    self.fields["decision"] = broken
+                    status = "discard"
+                else:
+                    status = self._decide(experiment_id, snapshot, base) if scored == "ok" else scored
             except SandboxError as exc:
                 self._record(experiment_id, "crash", started, log_tail=f"labrat: {exc}")
                 if isinstance(exc, EngineUnavailable):
@@ -146,18 +177,22 @@ class ExperimentJob:
         failpoints.reach("experiment.snapshot_taken")
         return snapshot
 
-    def _train_and_evaluate(self, snapshot: Snapshot, base: Experiment | None, standby: _Standby,
-                            while_training: Callable[[], None]) -> Verdict:
-        phase, fields = self.session.progress.phase, self.fields
-        with self.executor.train(snapshot, phase=phase, timings=self.timings, on_start=while_training) as trained:
+    def _train_and_score(self, snapshot: Snapshot, fields: dict, timings: dict[str, float],
+                         on_start: Callable[[], None] = lambda: None,
+                         workers: Callable[[], EvalWorkers | None] = lambda: None) -> Status:
+        """Train the snapshot with `fields["seed"]` and evaluate it, putting the row's results in `fields`:
+        "ok" when it was scored, else how it failed. `workers`: the evaluation's, if started ahead."""
+        phase = self.session.progress.phase
+        with self.executor.train(snapshot, phase=phase, timings=timings, on_start=on_start,
+                                 seed=fields["seed"]) as trained:
             fields.update(train_seconds=trained.seconds, memory_bytes=trained.peak_memory_bytes,
                           log_tail=trained.log_tail, compile_cache=trained.compile_cache)
             if trained.status != "ok":
                 fields["log_tail"] = f"{trained.reason}\n{trained.log_tail}"
                 return trained.status
-            with timed(self.timings, "eval_start"):
-                workers = standby.take("eval")  # None if training failed before they started: evaluate() starts them
-            evaluated = self.executor.evaluate(trained, phase=phase, timings=self.timings, workers=workers)
+            with timed(timings, "eval_start"):
+                ready = workers()  # None if training failed before they started: evaluate() starts them
+            evaluated = self.executor.evaluate(trained, phase=phase, timings=timings, workers=ready)
             summary = trained.summary  # parsed once: the property waits for the read and parses it
             fields["summary_json"] = json.dumps(summary) if summary else None
         failpoints.reach("eval.finished")
@@ -166,8 +201,68 @@ class ExperimentJob:
             fields["log_tail"] = f"evaluation: {evaluated.reason}\n{trained.log_tail}"
             return "crash"
         fields.update(metric=evaluated.metric, floor_gap=evaluated.floor_gap)
-        return verdict(evaluated.metric, base, self.session.config)
+        return "ok"
+
+    # -- the verdict -------------------------------------------------------------------------------
+    def _decide(self, experiment_id: int, snapshot: Snapshot, base: Experiment | None) -> Verdict:
+        session, config = self.session, self.session.config
+        candidate = session.ledger.experiment(experiment_id).model_copy(
+            update={"metric": self.fields["metric"], "seed": self.fields["seed"]})
+        if (base is None or base.metric is None) and config.noise_seeds == 1:
+            return "keep"  # the lab's baseline, run once
+        if base is None or base.metric is None:  # the lab's baseline: its runs are the noise floor
+            runs = Runs.of(candidate, self._replicates(experiment_id, snapshot, base, config.noise_seeds - 1,
+                                                       "noise floor"))
+            ignores = " (train.py ignores the seed: every run scored the same)" if runs.ignores_seed else ""
+            self.fields["decision"] = f"baseline; noise floor: {runs.text()}{ignores}"
+            if runs.ignores_seed:
+                log.warning("noise.ignores_seed", experiment=experiment_id, runs=runs.n)
+            return "keep"
+        if config.keep_rule != "significant":
+            return verdict(self.fields["metric"], base, config)
+        base_runs, noise = session.runs(base), session.noise()
+        if rejected := screen(self.fields["metric"], base_runs, noise):
+            self.fields["decision"] = rejected.reason
+            return "discard"
+        runs = Runs.of(candidate, self._replicates(experiment_id, snapshot, base, config.noise_seeds - 1,
+                                                   "confirmation"))
+        decision = significance_test(runs, base_runs, noise.with_runs(runs), config.significance)
+        self.fields["decision"] = decision.reason
+        return "keep" if decision.keep else "discard"
+
+    def replicate(self, experiment: Experiment, snapshot: Snapshot, count: int) -> list[Experiment]:
+        """`count` more runs of a finished experiment's snapshot with fresh seeds (`labrat noise`)."""
+        self.fields = {"sources_json": experiment.sources_json}
+        parent = self.session.ledger.experiment(experiment.parent_id) if experiment.parent_id else None
+        return self._replicates(experiment.id, snapshot, parent, count, "noise")
+
+    def _replicates(self, experiment_id: int, snapshot: Snapshot, base: Experiment | None, count: int,
+                    why: str) -> list[Experiment]:
+        """Train and score the snapshot `count` more times, each with a fresh seed, as `replicate` rows."""
+        return [self._replicate(experiment_id, snapshot, base, f"{why} {i}/{count} of #{experiment_id}")
+                for i in range(1, count + 1)]
+
+    def _replicate(self, experiment_id: int, snapshot: Snapshot, base: Experiment | None, description: str) -> Experiment:
+        session = self.session
+        replicate_id = session.begin_experiment(description, base, replicate_of=experiment_id)
+        started, timings = time.monotonic(), {}
+        fields = {"seed": run_seed(session.config.seed, replicate_id), "sources_json": self.fields.get("sources_json")}
+        try:
+            status = self._train_and_score(snapshot, fields, timings)
+        except SandboxError as exc:
+            fields["log_tail"] = f"labrat: {exc}"
+            self._finish(replicate_id, "crash", started, timings, fields)
+            if isinstance(exc, EngineUnavailable):
+                raise  # the experiment ends as a crash too, and the session restores its working container
+            return session.ledger.experiment(replicate_id)
+        except BaseException:
+            self._finish(replicate_id, "crash", started, timings, {**fields, "log_tail": "labrat: interrupted"})
+            raise
+        return self._finish(replicate_id, "replicate" if status == "ok" else status, started, timings, fields)
+
+    def _finish(self, experiment_id: int, status: Status, started: float, timings: dict, fields: dict) -> Experiment:
+        return self.session.finish_experiment(experiment_id, status, seconds=round(time.monotonic() - started, 3),
+                                              timings_json=json.dumps(timings), **fields)
 
     def _record(self, experiment_id: int, status: Verdict, started: float, **extra) -> Experiment:
-        return self.session.finish_experiment(experiment_id, status, seconds=round(time.monotonic() - started, 3),
-                                              timings_json=json.dumps(self.timings), **{**self.fields, **extra})
+        return self._finish(experiment_id, status, started, self.timings, {**self.fields, **extra})

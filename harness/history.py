@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
-from harness.ledger import Experiment
+from harness.ledger import Experiment, Ledger
+from harness.noise import Noise, Runs, lab_noise, surprise
 from harness.text import clip, printable
 
 DIFF_CONTEXT = 3
@@ -47,24 +49,56 @@ def experiment_list(experiments: list[Experiment], limit: int) -> str:
     return "\n".join([header, *(summary_line(e) for e in shown)])
 
 
-def measured_delta(e: Experiment, parent: Experiment | None) -> float | None:
-    """The change of val_bpb against the parent (negative: better), when both have one."""
-    return e.metric - parent.metric if e.metric is not None and parent is not None and parent.metric is not None else None
+@dataclass(frozen=True)
+class Standing:
+    """What an experiment's result means: its parent, its runs and the parent's, the lab's noise."""
+
+    parent: Experiment | None
+    runs: Runs
+    parent_runs: Runs | None
+    noise: Noise
+
+    @classmethod
+    def of(cls, ledger: Ledger, e: Experiment, config: dict) -> Standing:
+        """`config`: the training setup whose noise applies (the session's that ran it)."""
+        parent = ledger.experiment(e.parent_id) if e.parent_id else None
+        parent_runs = Runs.of(parent, ledger.replicates(parent.id)) if parent else None
+        return cls(parent, Runs.of(e, ledger.replicates(e.id)), parent_runs, lab_noise(ledger, config))
+
+    @property
+    def delta(self) -> float | None:
+        """The change of val_bpb against the parent, mean of runs against mean of runs (negative: better)."""
+        if not self.runs.n or self.parent_runs is None or not self.parent_runs.n:
+            return None
+        return self.runs.mean - self.parent_runs.mean
+
+    def surprise(self, e: Experiment) -> str | None:
+        return surprise(e.expected_delta, self.delta, self.noise, self.runs.n, self.parent_runs.n if self.parent_runs else 0)
 
 
-def effect_text(e: Experiment, parent: Experiment | None) -> str | None:
-    """The agent's stated hypothesis and expectation next to the measured effect (None: it stated neither)."""
+def effect_text(e: Experiment, standing: Standing | None) -> str | None:
+    """The agent's stated hypothesis and expectation next to the measured effect and the noise (None: it stated
+    neither)."""
     if e.hypothesis is None and e.expected_delta is None:
         return None
-    delta = measured_delta(e, parent)
+    delta = standing.delta if standing else None
     expected = f"expected Δ {e.expected_delta:+.4f}" if e.expected_delta is not None else "no expected Δ"
     measured = f"measured Δ {delta:+.4f}" if delta is not None else "no measured Δ"
-    return f"hypothesis: {printable(e.hypothesis or '-')}\n{expected}, {measured} (val_bpb against #{e.parent_id or '-'})"
+    noise = f"; noise {standing.noise.text()}" if standing else ""
+    marked = f": {surprising}" if standing and (surprising := standing.surprise(e)) else ""
+    return (f"hypothesis: {printable(e.hypothesis or '-')}\n{expected}, {measured} (val_bpb against "
+            f"#{e.parent_id or '-'}{noise}){marked}")
 
 
-def experiment_detail(e: Experiment, max_diff_chars: int = 6000, parent: Experiment | None = None) -> str:
+def experiment_detail(e: Experiment, max_diff_chars: int = 6000, standing: Standing | None = None) -> str:
     lines = [summary_line(e), f"snapshot: {printable(e.snapshot or '-')}"]
-    if effect := effect_text(e, parent):
+    if e.replicate_of:
+        lines.append(f"replicate of #{e.replicate_of} (seed {e.seed})")
+    elif standing and standing.runs.n > 1:
+        lines.append(f"runs: {standing.runs.text()}; noise {standing.noise.text()}")
+    if e.decision:
+        lines.append(f"keep rule: {printable(e.decision)}")
+    if effect := effect_text(e, standing):
         lines.append(effect)
     if e.memory_bytes:
         lines.append(f"peak memory: {e.memory_bytes / 1024**3:.2f} GB; training {e.train_seconds or 0:.1f} s")

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from harness.config import CONFIG_FILE, ConfigError, LabConfig
+from harness.config import CONFIG_FILE, NEW_LAB_SETTINGS, ConfigError, LabConfig
 from harness.ledger import Experiment, Ledger
 
 LEDGER_FILE = "ledger.db"
@@ -18,27 +18,69 @@ PROGRAM_FILE = "program.md"
 COMPILE_CACHE_FILE = "cache/compile.tar"  # the lab's compile cache, when labrat.toml's compile_cache_mb turns it on
 PROGRAM = """# Research program
 
-You are improving `trainer/train.py`, a small GPT, to lower **val_bpb** (bits per byte on held-out
-text) within a fixed wall-clock training budget. Lower is better. Its tokens are the lab's: bytes, or
-BPE ids (`/data/meta.json` says which, with the vocabulary's size; `/data/tokenizer.json` holds a BPE
-tokenizer).
+This file is yours, the researcher's: the objective, the search space and the constraints of this lab.
+The agent reads it at the start of every session. Edit it freely; the sections below are a template.
+
+## Objective
+
+Lower **val_bpb** (bits per byte on held-out text) of `trainer/train.py`, a small GPT, within a fixed
+wall-clock training budget. Lower is better. Its tokens are the lab's: bytes, or BPE ids
+(`/data/meta.json` says which, with the vocabulary's size; `/data/tokenizer.json` holds a BPE tokenizer).
+
+## The loop
+
+1. Read `trainer/train.py` and the lab's history (`list_experiments`, `show_experiment`, `diff`).
+2. Pick one idea. State it before you run it: `run_experiment` takes a `description` (the change, one
+   line), a `hypothesis` (why it should help) and an `expected_delta` (the change of val_bpb you expect
+   against the current best; negative is better). Results far from what you expected are marked
+   surprising: they are the ones worth a second look.
+3. Edit `trainer/train.py` (the editor or bash), then call `run_experiment`.
+4. Read the result and the keep rule's reason. A kept change is the new best and the workspace holds it;
+   anything else is discarded and the workspace returns to the best version by itself.
+5. If it crashed, read the log tail: fix a typo and run again; drop an idea that is broken at its root.
+6. Go to 1.
+
+**Never stop to ask.** Do not ask whether to go on or wait for confirmation: the person who set this up
+may be asleep and expects you to work until the session's budget ends it. If you run out of ideas,
+think harder: combine near-misses, revisit a discarded idea with a different setting, try the opposite
+of what failed, simplify.
+
+## What you may change
+
+Only `trainer/train.py`: the model, the optimizer, the schedule, the batch, the loop, and the knobs at
+its top. Everything else in `trainer/` is fixed and root-owned, and so is what `trainer/contract.py`
+says train.py must provide (`build_model`, the checkpoint's contents, the vocabulary, the context
+lengths). You cannot install packages or reach the network.
 
 The budget is **all-in wall clock on the harness's clock**: from the moment the training process
 starts to the moment it exits (imports, data loading, compilation, training and saving), the same for
 every experiment. train.py is told the deadline (`LABRAT_DEADLINE`, read by
 `trainer.prepare.training_deadline`) and is killed there: a run that is still going, or that gives
 itself more time, ends as `timeout` and is not scored. Stop stepping early enough to save (the shipped
-train.py keeps `SAVE_RESERVE_SECONDS`).
+train.py keeps `SAVE_RESERVE_SECONDS`). Each run's seed is the harness's (`--seed`): use it.
 
-- Edit only `trainer/train.py`. `trainer/prepare.py` and `trainer/evaluate.py` are fixed: the metric is
-  computed by the harness's own copy of the evaluator, never from anything you print.
-- Each `run_experiment` trains your current `train.py` for the lab's time budget and evaluates it.
-  An improvement is kept; anything else is discarded and the workspace returns to the best version.
+## How results are judged
+
+- The metric is computed by the harness's own copy of the evaluator from the model's log-probabilities,
+  never from anything you print.
 - The model must stay causal (position t may use tokens 0..t only of its own row, and nothing it
   remembers from other calls): a model that looks ahead is rejected, and so is a score below what any
   model can attain on the data, or non-finite log-probabilities.
-- Prefer simple changes with a clear hypothesis, one at a time: learning rate and schedule, width and
-  depth, batch size, optimizer settings, architecture details.
+- The lab's keep rule decides (in a new lab, `significant`: only a gain beyond the measured noise is
+  kept, after training the change again with fresh seeds). A gain smaller than the noise is not a gain.
+
+## Constraints
+
+Set in `labrat.toml`; the harness measures them and discards a run that breaks one, with the reason:
+`max_params` (the checkpoint's weights), `max_memory_gb` (the training container's peak memory),
+`min_tokens_per_second` (training throughput as train.py reports it). Add your own here in words.
+
+## Simplicity criterion
+
+All else being equal, simpler is better. A tiny gain that adds ugly complexity is not worth keeping; a
+change that removes code and scores the same or better is a win. Prefer one change at a time with a
+clear hypothesis: learning rate and schedule, width and depth, batch size, optimizer settings,
+architecture details.
 """
 
 
@@ -68,9 +110,9 @@ def init_lab(path: Path) -> Path:
     if config_file.exists():
         raise ConfigError(f"{config_file} already exists: this is a lab already (edit it, or pick another directory)")
     path.mkdir(parents=True, exist_ok=True)
-    lines = ["# labrat lab configuration: every key is optional; these are the defaults."]
+    lines = ["# labrat lab configuration: every key is optional; these are a new lab's defaults."]
     for name, field in LabConfig.model_fields.items():
-        default = field.get_default()
+        default = NEW_LAB_SETTINGS.get(name, field.get_default())
         if field.description:
             lines.append(f"# {field.description}")
         lines.append(f"{name} = {_toml_value(default)}" if default is not None else f"# {name} =")

@@ -20,14 +20,17 @@ from pydantic import BaseModel
 from harness import failpoints
 
 Verdict = Literal["keep", "discard", "crash", "timeout"]  # how an experiment ended
-Status = Literal["running", "keep", "discard", "crash", "timeout"]  # an experiment row: running, then its verdict
-SCHEMA_VERSION = 2
+# An experiment row: running, then its verdict; a replicate (another seed's run of an experiment's snapshot,
+# for the noise floor or a confirmation) ends as `replicate` when it was scored.
+Status = Literal["running", "keep", "discard", "crash", "timeout", "replicate"]
+SCHEMA_VERSION = 3  # 3: the replicate status (the experiments table is rebuilt: SQLite cannot alter a CHECK)
 # Columns added after version 1: a ledger made by an older labrat gets them on open (ALTER TABLE ADD COLUMN).
 ADDED_COLUMNS = {
     "sessions": ["resumable INTEGER NOT NULL DEFAULT 1", "base_experiment_id INTEGER REFERENCES experiments(id)",
                  "root_sources_json TEXT"],
     "experiments": ["eval_json TEXT", "sources_json TEXT", "train_seconds REAL", "timings_json TEXT",
-                    "compile_cache TEXT", "hypothesis TEXT", "expected_delta REAL"],
+                    "compile_cache TEXT", "hypothesis TEXT", "expected_delta REAL", "seed INTEGER",
+                    "replicate_of INTEGER REFERENCES experiments(id)", "decision TEXT"],
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,7 +50,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     session_id TEXT NOT NULL REFERENCES sessions(id),
     parent_id INTEGER REFERENCES experiments(id),
-    status TEXT NOT NULL CHECK (status IN ('running', 'keep', 'discard', 'crash', 'timeout')),
+    status TEXT NOT NULL CHECK (status IN ('running', 'keep', 'discard', 'crash', 'timeout', 'replicate')),
     description TEXT NOT NULL,
     snapshot TEXT,
     snapshot_image_id TEXT,
@@ -68,6 +71,9 @@ CREATE TABLE IF NOT EXISTS experiments (
     compile_cache TEXT,
     hypothesis TEXT,
     expected_delta REAL,
+    seed INTEGER,
+    replicate_of INTEGER REFERENCES experiments(id),
+    decision TEXT,
     started_at TEXT NOT NULL,
     finished_at TEXT
 );
@@ -133,6 +139,9 @@ class Experiment(BaseModel):
     compile_cache: str | None = None  # off | cold | warm: whether training started with the lab's compile cache
     hypothesis: str | None = None  # the agent's, stated before the result: what the change should do, and why
     expected_delta: float | None = None  # the agent's expected change of val_bpb against the parent (negative: better)
+    seed: int | None = None  # the harness's training seed for this run (None: an older labrat, the lab's seed)
+    replicate_of: int | None = None  # this row re-ran that experiment's snapshot with another seed
+    decision: str | None = None  # why the keep rule decided as it did (the significance test, the noise floor)
     started_at: str
     finished_at: str | None = None
 
@@ -180,7 +189,35 @@ class Ledger:
                 for column in columns:
                     if column.split()[0] not in present:
                         self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        self._allow_replicate_status()
+        with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _allow_replicate_status(self) -> None:
+        """A ledger made before version 3 has an experiments table whose CHECK refuses `replicate`: rebuild it
+        (SQLite's documented procedure: a new table, the rows copied, the old one dropped, the new renamed)."""
+        def current() -> bool:
+            return "'replicate'" in self.db.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'experiments'").fetchone()["sql"]
+
+        if current():
+            return
+        create = next(statement for statement in SCHEMA.split(";") if "TABLE IF NOT EXISTS experiments (" in statement)
+        self.db.execute("PRAGMA foreign_keys=OFF")  # only outside a transaction; the rows keep their ids
+        try:
+            with self.transaction() as db:
+                if current():  # another process migrated it while this one waited for the lock
+                    return
+                columns = ", ".join(row["name"] for row in db.execute("PRAGMA table_info(experiments)"))
+                db.execute(create.replace("IF NOT EXISTS experiments (", "experiments_v3 ("))
+                db.execute(f"INSERT INTO experiments_v3 ({columns}) SELECT {columns} FROM experiments")
+                db.execute("DROP TABLE experiments")
+                db.execute("ALTER TABLE experiments_v3 RENAME TO experiments")
+                db.execute("CREATE INDEX IF NOT EXISTS experiments_by_session ON experiments(session_id, id)")
+                if problems := db.execute("PRAGMA foreign_key_check").fetchall():
+                    raise sqlite3.IntegrityError(f"the ledger's references are broken: {[tuple(p) for p in problems][:3]}")
+        finally:
+            self.db.execute("PRAGMA foreign_keys=ON")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -260,11 +297,12 @@ class Ledger:
 
     # -- experiments -------------------------------------------------------------------------------
     def begin_experiment(self, session_id: str, parent_id: int | None, description: str, hypothesis: str | None = None,
-                         expected_delta: float | None = None) -> int:
+                         expected_delta: float | None = None, replicate_of: int | None = None) -> int:
         with self.transaction() as db:
             cursor = db.execute(
-                "INSERT INTO experiments (session_id, parent_id, status, description, hypothesis, expected_delta, started_at)"
-                " VALUES (?, ?, 'running', ?, ?, ?, ?)", (session_id, parent_id, description, hypothesis, expected_delta, _now()))
+                "INSERT INTO experiments (session_id, parent_id, status, description, hypothesis, expected_delta,"
+                " replicate_of, started_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
+                (session_id, parent_id, description, hypothesis, expected_delta, replicate_of, _now()))
             return int(cursor.lastrowid)
 
     def finish_experiment(self, experiment_id: int, status: Status, **fields) -> Experiment:
@@ -316,6 +354,24 @@ class Ledger:
         if session_id:
             query, args = query + " WHERE session_id = ?", (session_id,)
         return [Experiment(**dict(row)) for row in self.db.execute(query + " ORDER BY id", args)]
+
+    def replicates(self, experiment_id: int) -> list[Experiment]:
+        """The rows that re-ran an experiment's snapshot with other seeds (its noise-floor runs or confirmations)."""
+        return [Experiment(**dict(row)) for row in
+                self.db.execute("SELECT * FROM experiments WHERE replicate_of = ? ORDER BY id", (experiment_id,))]
+
+    def replicated(self) -> list[tuple[Experiment, list[Experiment], dict]]:
+        """Every experiment that has replicates: (it, its replicates, the config of the session that ran it)."""
+        rows = [Experiment(**dict(row)) for row in
+                self.db.execute("SELECT * FROM experiments WHERE replicate_of IS NOT NULL ORDER BY id")]
+        groups: dict[int, list[Experiment]] = {}
+        for row in rows:
+            groups.setdefault(row.replicate_of, []).append(row)
+        found = []
+        for experiment_id, replicates in groups.items():
+            experiment = self.experiment(experiment_id)
+            found.append((experiment, replicates, self.session(experiment.session_id).config))
+        return found
 
     def running_experiment_id(self, session_id: str) -> int | None:
         row = self.db.execute("SELECT id FROM experiments WHERE session_id = ? AND status = 'running'",
@@ -393,6 +449,7 @@ class Ledger:
                     continue
                 fields = e.model_dump(exclude={"id"})
                 fields["parent_id"] = new_ids.get(e.parent_id) if e.parent_id is not None else None
+                fields["replicate_of"] = new_ids.get(e.replicate_of) if e.replicate_of is not None else None
                 cursor = db.execute(f"INSERT INTO experiments ({', '.join(fields)}) VALUES "
                                     f"({', '.join('?' * len(fields))})", tuple(fields.values()))
                 new_ids[e.id] = int(cursor.lastrowid)

@@ -17,7 +17,7 @@ from harness.session import Progress
 
 log = structlog.get_logger(__name__)
 RECENT_ROWS = 8
-STATUS_STYLE = {"keep": "green", "discard": "yellow", "crash": "red", "timeout": "red"}
+STATUS_STYLE = {"keep": "green", "discard": "yellow", "crash": "red", "timeout": "red", "replicate": "cyan"}
 
 
 class LiveView(Progress):
@@ -80,7 +80,7 @@ class LiveView(Progress):
 
     def render(self):
         elapsed = time.monotonic() - self.started
-        done = len(self.finished)
+        done = sum(e.replicate_of is None for e in self.finished)  # max_experiments counts candidates, not replicates
         rate = done / elapsed * 3600 if elapsed > 0 and done else 0.0
         header = Table.grid(padding=(0, 2))
         header.add_column(style="bold")

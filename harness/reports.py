@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from harness.history import unified_diff
 from harness.lab import open_ledger
 from harness.ledger import Experiment
+from harness.noise import Runs, lab_noise
 
 
 class PlotSeries(BaseModel):
@@ -79,21 +80,26 @@ def report(lab: Path) -> str:
         chain = ledger.lineage(best.id) if best else []
         if best:
             diff = unified_diff(ledger.sources(chain[0].id), ledger.sources(best.id), f"#{chain[0].id}", f"#{best.id}")
-    counts = {status: sum(e.status == status for e in experiments) for status in ("keep", "discard", "crash", "timeout")}
+            runs = {e.id: Runs.of(e, ledger.replicates(e.id)) for e in chain}
+        noise = lab_noise(ledger, sessions[-1].config) if sessions else None
+    counts = {status: sum(e.status == status for e in experiments)
+              for status in ("keep", "discard", "crash", "timeout", "replicate")}
     lines = [f"# labrat report: {Path(lab).resolve().name}", "",
              f"{len(experiments)} experiments in {len(sessions)} session(s): "
              + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".", ""]
     hours = sum(e.seconds or 0 for e in experiments) / 3600
     tokens_in, tokens_out = sum(e.tokens_in for e in experiments), sum(e.tokens_out for e in experiments)
     lines += [f"- experiment time: {hours:.2f} h", f"- agent tokens: {tokens_in:,} in / {tokens_out:,} out",
-              f"- agent cost: ${sum(e.cost_usd for e in experiments):.4f}", ""]
+              f"- agent cost: ${sum(e.cost_usd for e in experiments):.4f}",
+              f"- noise of one run: {noise.text() if noise else 'not measured'}", ""]
     if best is None:
         return "\n".join(lines + ["No experiment has been kept yet."]) + "\n"
     gap = f" (gap to the entropy floor {best.floor_gap:.4f})" if best.floor_gap is not None else ""
     lines += ["## Best variant", "", f"#{best.id}: val_bpb **{best.metric:.6f}**{gap}, {best.description}",
               f"snapshot `{best.snapshot}`; reproduce with `labrat reproduce {best.id}`.", "",
-              "## Lineage of kept changes", "", "| # | val_bpb | change |", "|---|---|---|"]
-    lines += [f"| {e.id} | {e.metric:.6f} | {' '.join(e.description.split())} |" for e in chain]
+              "## Lineage of kept changes", "", "| # | val_bpb | runs | keep rule | change |", "|---|---|---|---|---|"]
+    lines += [f"| {e.id} | {e.metric:.6f} | {runs[e.id].text()} | {' '.join((e.decision or '-').split())} | "
+              f"{' '.join(e.description.split())} |" for e in chain]
     root = chain[0]
     lines += ["", f"## Diff of the best variant against the baseline (#{root.id})", "", "```diff",
               diff.rstrip("\n") or "(no change)", "```"]

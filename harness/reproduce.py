@@ -50,10 +50,13 @@ def reproduce(lab: Path, experiment_id: int, tolerance: float | None = None,
             raise ConfigError(f"experiment #{experiment_id} has no metric to reproduce (it ended as {experiment.status})")
         config = LabConfig(**json.loads(ledger.session(experiment.session_id).config_json))
         store = SnapshotStore()
+        # A replicate trained its experiment's snapshot with a seed of its own.
+        snapshot_name = experiment.snapshot or (ledger.experiment(experiment.replicate_of).snapshot
+                                                if experiment.replicate_of else None)
         try:
-            snapshot = store.get(experiment.snapshot or f"missing-{experiment_id}")
+            snapshot = store.get(snapshot_name or f"missing-{experiment_id}")
         except SnapshotMissing:
-            raise SnapshotMissing(f"experiment #{experiment_id}'s snapshot {experiment.snapshot} is gone from this "
+            raise SnapshotMissing(f"experiment #{experiment_id}'s snapshot {snapshot_name} is gone from this "
                                   "engine (garbage-collected?); import it with `labrat import` to reproduce") from None
         recorded_evaluator = snapshot.labels.get("evaluator_sha256")
         if recorded_evaluator is None:
@@ -75,7 +78,7 @@ def reproduce(lab: Path, experiment_id: int, tolerance: float | None = None,
         deterministic = config.deterministic_steps is not None
         tol = tolerance if tolerance is not None else (0.0 if deterministic else DEFAULT_TOLERANCE)
         on_step(f"training #{experiment_id} from {snapshot.name}")
-        trained = runner.train(snapshot)
+        trained = runner.train(snapshot, seed=experiment.seed)  # None: an older labrat's row, the lab's seed
         reproduced, reason = None, ""
         if trained.status != "ok":
             reason = f"training {trained.status}: {trained.reason}"

@@ -16,12 +16,13 @@ from harness import failpoints
 from harness.agents import Agent, AgentFailed
 from harness.agents.claude import ClaudeAgent
 from harness.agents.offline import OfflineAgent
-from harness.config import LabConfig
+from harness.config import ConfigError, LabConfig
 from harness.data import ensure_data
 from harness.experiment import ExperimentJob
 from harness.image import build_image
 from harness.lab import lab_compile_cache
 from harness.ledger import Experiment
+from harness.noise import Runs
 from harness.runner import LocalExecutor
 from harness.session import LabView, Session, closing_reason
 from harness.tools import Toolbox
@@ -96,6 +97,15 @@ class LabRun:
         experiment = job.run()
         self.last_timings = job.timings  # the reset happens after the row is written; benchmarks read it here
         return experiment
+
+    def measure_noise(self, experiment: Experiment, count: int) -> Runs:
+        """Re-run an experiment's snapshot `count` times with fresh harness seeds; its runs, these included."""
+        if experiment.snapshot is None or experiment.metric is None:
+            raise ConfigError(f"experiment #{experiment.id} has no scored snapshot to re-run ({experiment.status})")
+        snapshot = self.store.get(experiment.snapshot)  # SnapshotMissing, one line, if it was garbage-collected
+        job = ExperimentJob(self.session, self.workbench, self.executor, f"noise of #{experiment.id}")
+        job.replicate(experiment, snapshot, count)
+        return self.session.runs(experiment)
 
     def run_agent(self, agent: Agent) -> str | None:
         """Let the agent work until the session must stop, then close the session: resumable when the agent

@@ -197,9 +197,10 @@ class LocalExecutor:
         """The training run's all-in wall clock on the host: start, data, compile, training and saving."""
         return self.config.time_budget
 
-    def train_command(self, out_dir: str) -> list[str]:
+    def train_command(self, out_dir: str, seed: int | None = None) -> list[str]:
+        """`seed`: the run's training seed (the harness's: harness/noise.py's run_seed); None: the lab's seed."""
         cmd = ["python", "-m", "trainer.train", "--config", self.config.trainer_config, "--data", TRAIN_DATA,
-               "--out", out_dir, "--device", self.device, "--seed", str(self.config.seed)]
+               "--out", out_dir, "--device", self.device, "--seed", str(self.config.seed if seed is None else seed)]
         if self.config.deterministic_steps:
             cmd += ["--deterministic", "--steps", str(self.config.deterministic_steps)]
         return cmd
@@ -220,7 +221,8 @@ class LocalExecutor:
 
     # -- training ----------------------------------------------------------------------------------
     def train(self, snapshot: Snapshot, phase: Phase = lambda name, seconds: None,
-              timings: dict[str, float] | None = None, on_start: Callable[[], None] = lambda: None) -> TrainingResult:
+              timings: dict[str, float] | None = None, on_start: Callable[[], None] = lambda: None,
+              seed: int | None = None) -> TrainingResult:
         """Train the snapshot's train.py in a fresh container of its base image; `on_start` runs once that
         container is up (the caller starts work that can overlap training then, not earlier: the engine starts
         containers one at a time). When training succeeded, the result's container stays up until release(): the
@@ -253,7 +255,7 @@ class LocalExecutor:
             # The deadline is the host's: train.py is told it, and the host kills the run there, not later.
             env = {TRAIN_DEADLINE_ENV: f"{time.time() + limit:.3f}", **(COMPILE_CACHE_ENV if cache != "off" else {})}
             with timed(timings, "train"):
-                run = box.exec(self.train_command(out_dir), timeout=limit, env=env)
+                run = box.exec(self.train_command(out_dir, seed), timeout=limit, env=env)
             failpoints.reach("train.finished")
             log_text = run.stdout + ("\n" + run.stderr if run.stderr.strip() else "")
             base = dict(log_tail=tail(log_text), seconds=round(run.duration, 3), peak_memory_bytes=box.peak_memory_bytes(),

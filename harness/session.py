@@ -24,7 +24,8 @@ import structlog
 from harness import failpoints
 from harness.config import LabConfig
 from harness.lab import LEDGER_FILE, lock_lab, write_atomically
-from harness.ledger import Experiment, Ledger, SessionRow, Verdict
+from harness.ledger import Experiment, Ledger, SessionRow, Status
+from harness.noise import Noise, Runs, lab_noise
 from harness.text import one_line
 from sandbox.engine import reap_orphans
 from sandbox.errors import SandboxError
@@ -168,12 +169,22 @@ class Session:
     def session_experiments(self) -> list[Experiment]:
         return self.ledger.experiments(self.session_id)
 
+    # -- noise ---------------------------------------------------------------------------------------
+    def runs(self, experiment: Experiment) -> Runs:
+        """The experiment's scored runs: its own and its replicates'."""
+        return Runs.of(experiment, self.ledger.replicates(experiment.id))
+
+    def noise(self) -> Noise:
+        """The noise of one run, pooled over the lab's replicated variants trained under this session's setup."""
+        return lab_noise(self.ledger, self.config.model_dump())
+
     # -- budgets -----------------------------------------------------------------------------------
     def stop_reason(self) -> str | None:
         """Why the session must stop now, or None."""
         if self.stop:
             return self.stop
-        done = len([e for e in self.session_experiments() if e.status != "running"])
+        # Replicates (the noise floor, confirmations) are not the agent's experiments: max_hours bounds their time.
+        done = len([e for e in self.session_experiments() if e.status != "running" and e.replicate_of is None])
         if self.config.max_experiments is not None and done >= self.config.max_experiments:
             self.stop = f"max_experiments ({self.config.max_experiments}) reached"
         elif self.config.max_hours is not None and time.monotonic() - self.started >= self.config.max_hours * 3600:
@@ -208,17 +219,18 @@ class Session:
         self.progress.tool_call(name, is_error)
 
     def begin_experiment(self, description: str, base: Experiment | None, hypothesis: str | None = None,
-                         expected_delta: float | None = None) -> int:
-        """A `running` row for an experiment of the session's `base` (the caller has just read it)."""
+                         expected_delta: float | None = None, replicate_of: int | None = None) -> int:
+        """A `running` row for an experiment of the session's `base` (the caller has just read it), or for a
+        replicate of experiment `replicate_of`."""
         experiment_id = self.ledger.begin_experiment(self.session_id, base.id if base else None, description,
-                                                     hypothesis, expected_delta)
+                                                     hypothesis, expected_delta, replicate_of)
         failpoints.reach("experiment.begun")
         self.calls_since_experiment = 0
         self.progress.experiment_started(experiment_id, description)
         log.info("experiment.started", id=experiment_id, parent=base.id if base else None, description=description)
         return experiment_id
 
-    def finish_experiment(self, experiment_id: int, status: Verdict, **fields) -> Experiment:
+    def finish_experiment(self, experiment_id: int, status: Status, **fields) -> Experiment:
         """Record an experiment's verdict (a keep moves the base in the same transaction); rewrite results.tsv."""
         experiment = self.ledger.finish_experiment(experiment_id, status, **fields)
         self.experiments_run += 1

@@ -109,8 +109,10 @@ TOOLS: dict[str, tuple[type[_Input], str]] = {
     "str_replace_based_edit_tool": (EditorInput, "View and edit files in /workspace: view, create, str_replace "
                                                  "(old_str must be unique), insert."),
     "run_experiment": (RunExperimentInput, "Train the current trainer/train.py for the fixed budget and evaluate it "
-                                           "on held-out data. Kept if better, else the workspace returns to the best "
-                                           "version. Returns the measured val_bpb."),
+                                           "on held-out data. Kept if it beats the best by the lab's keep rule "
+                                           "(under `significant`: by more than the noise, confirmed by re-runs with "
+                                           "fresh seeds), else the workspace returns to the best version. Returns the "
+                                           "measured val_bpb and why it was kept or not."),
     "list_experiments": (ListExperimentsInput, "The latest experiments of this lab with status and val_bpb."),
     "show_experiment": (ShowExperimentInput, "One experiment: metric, status, its diff against its parent, crash log."),
     "diff": (DiffInput, "Unified diff of the source files between two experiments."),
@@ -160,8 +162,9 @@ def outcome_text(e: Experiment, base: Experiment | None) -> str:
     memory = f", peak memory {e.memory_bytes / 1024**3:.2f} GB" if e.memory_bytes else ""
     verdict = ("kept: it is the new best; the workspace now holds it" if e.status == "keep"
                else f"discarded (not better than {best}); the workspace was reset to it")
+    decision = f"\nThe keep rule: {printable(e.decision)}." if e.decision else ""
     return (f"experiment #{e.id}: val_bpb {e.metric:.6f}{gap}; training {e.train_seconds or 0:.1f} s{memory}. "
-            f"{verdict}.")
+            f"{verdict}.{decision}")
 
 
 def _validation_message(name: str, exc: ValidationError) -> str:
@@ -334,8 +337,9 @@ class Toolbox:
             experiment = self.session.ledger.experiment(args.id)
         except KeyError:
             raise ToolError(f"no experiment #{args.id}") from None
-        parent = self.session.ledger.experiment(experiment.parent_id) if experiment.parent_id else None
-        return ToolResult(text=history.experiment_detail(experiment, parent=parent))
+        ledger = self.session.ledger
+        standing = history.Standing.of(ledger, experiment, ledger.session(experiment.session_id).config)
+        return ToolResult(text=history.experiment_detail(experiment, standing=standing))
 
     def _sources(self, experiment_id: int) -> dict[str, str]:
         try:

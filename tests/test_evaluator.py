@@ -107,6 +107,7 @@ def test_the_strongest_honest_model_is_not_refused(data, val, attainable, tmp_pa
 def test_the_models_output_never_reaches_the_protocol(fault, val, tmp_path):
     result = ev.evaluate(checkpoint(tmp_path, "faults", {"fault": fault}), val, eval_tokens=4096)
     assert result["val_bpb"] == pytest.approx(8.0) and result["causal"]
+    assert result["parameters"] == 1  # the checkpoint's one weight, counted before the model's code ran
 
 
 @pytest.mark.parametrize("fault, reason", [
@@ -116,6 +117,8 @@ def test_the_models_output_never_reaches_the_protocol(fault, val, tmp_path):
     ("exit", "the model crashed during evaluation: the model is leaving now"),
     ("hang", r"did not answer \(batch 1 of 1\) within 3 s"),
     ("channel", "was malformed .* it wrote to the evaluation's channel"),
+    # It claims one weight (max_params) once its code runs: the worker's own count has gone out already.
+    ("forge_count", r"answer to loading was malformed \(b'PARM'"),
 ])
 def test_a_misbehaving_model_gets_one_line(fault, reason, val, tmp_path):
     with pytest.raises(ev.EvaluationError, match=reason) as refused:

@@ -2,14 +2,14 @@
 
 import pytest
 
-from harness.config import ConfigError, LabConfig, load_config
+from harness.config import NEW_LAB_SETTINGS, ConfigError, LabConfig, load_config
 from harness.lab import LEDGER_FILE, PROGRAM_FILE, init_lab
 
 
 def test_init_writes_a_loadable_config_program_and_ledger(tmp_path):
     lab = tmp_path / "my-lab"
     init_lab(lab)
-    assert load_config(lab) == LabConfig()
+    assert load_config(lab) == LabConfig(**NEW_LAB_SETTINGS)  # a new lab's defaults: the significant keep rule
     assert "val_bpb" in (lab / PROGRAM_FILE).read_text()
     assert (lab / LEDGER_FILE).exists()
     with pytest.raises(ConfigError, match="already exists"):

@@ -92,7 +92,7 @@ def test_a_version_1_ledger_is_upgraded_in_place(tmp_path):
     """)
     db.close()
     ledger = Ledger(path)
-    assert ledger.meta("schema_version") == "2"
+    assert ledger.meta("schema_version") == "3"
     assert ledger.experiment(1).metric == 1.5 and ledger.experiment(1).timings_json is None
     assert ledger.session("old").resumable and ledger.session("old").base_experiment_id is None
     b = ledger.begin_experiment("old", 1, "wider")

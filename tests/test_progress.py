@@ -50,15 +50,23 @@ def test_results_table_columns():
     assert "1.250000" in text and "120" in text and "0.5000" in text
 
 
-def test_a_stated_expectation_is_shown_next_to_the_measured_effect():
-    from harness.history import experiment_detail
+def test_a_stated_expectation_is_shown_next_to_the_measured_effect_and_the_noise():
+    from harness.history import Standing, experiment_detail
     from harness.ledger import Experiment
+    from harness.noise import Noise, Runs
 
     base = dict(session_id="s", status="keep", description="d", started_at="2026-12-03T00:00:00")
     parent = Experiment(id=1, parent_id=None, metric=1.25, **base)
     child = Experiment(id=2, parent_id=1, metric=1.2, hypothesis="wider is better", expected_delta=-0.1, **base)
-    detail = experiment_detail(child, parent=parent)
-    assert "hypothesis: wider is better\nexpected Δ -0.1000, measured Δ -0.0500 (val_bpb against #1)" in detail
+
+    def standing(e: Experiment, sd: float | None) -> Standing:
+        return Standing(parent, Runs.of(e, []), Runs.of(parent, []), Noise(sd, 4 if sd else 0))
+
+    detail = experiment_detail(child, standing=standing(child, 0.005))
+    assert ("hypothesis: wider is better\nexpected Δ -0.1000, measured Δ -0.0500 (val_bpb against #1; "
+            "noise σ 0.005000 bpb (df 4)): surprising: 7.1 standard errors worse than expected") in detail
+    assert "surprising" not in experiment_detail(child, standing=standing(child, 0.02))  # 1.8 standard errors off
+    assert "surprising" not in experiment_detail(child, standing=standing(child, None))  # no noise measured: no verdict
     assert "hypothesis" not in experiment_detail(parent)  # nothing stated, nothing shown
     crashed = Experiment(id=3, parent_id=1, metric=None, hypothesis="h", **{**base, "status": "crash"})
-    assert "no expected Δ, no measured Δ" in experiment_detail(crashed, parent=parent)
+    assert "no expected Δ, no measured Δ" in experiment_detail(crashed, standing=standing(crashed, 0.005))

@@ -85,13 +85,29 @@ def save_checkpoint(out_dir: Path, model: nn.Module, config: dict, source_file: 
     return path
 
 
-def load_model(checkpoint: Path, device: str = "cpu") -> nn.Module:
-    """The evaluator's side: run the checkpoint's source as a fresh module, call its build_model(config),
-    load the weights and return the model on `device` in eval mode. This runs the agent's code: only an
-    evaluation worker (or a test) calls it."""
+def read_checkpoint(checkpoint: Path, device: str = "cpu") -> dict:
+    """The checkpoint's contents, tensors and plain data only (weights_only: no code runs)."""
     import torch
 
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    return torch.load(checkpoint, map_location=device, weights_only=True)
+
+
+def checkpoint_parameters(state: dict) -> int:
+    """The weights a checkpoint holds: the elements of its state dict's tensors (what `max_params` bounds;
+    counted before the agent's code runs, so nothing the model does can change the count)."""
+    import torch
+
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise TypeError("the checkpoint has no state dict under 'model'")
+    return sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))
+
+
+def load_model(checkpoint: Path | dict, device: str = "cpu") -> nn.Module:
+    """The evaluator's side: run the checkpoint's source as a fresh module, call its build_model(config),
+    load the weights and return the model on `device` in eval mode. This runs the agent's code: only an
+    evaluation worker (or a test) calls it. `checkpoint`: a file, or what read_checkpoint returned."""
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, device)
     source_name = state.get("source_name", "train.py")
     module = types.ModuleType(MODEL_MODULE)
     # Registered, as an import would be: dataclasses and typing.get_type_hints look a class's module up by name.

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.contract import CHECKPOINT_LIMIT, VOCAB_SIZE, load_model
+from trainer.contract import CHECKPOINT_LIMIT, VOCAB_SIZE, checkpoint_parameters, load_model, read_checkpoint
 
 CHUNK = 1 << 20
 STDERR_TAIL_BYTES = 8192
@@ -36,6 +36,7 @@ REQUEST_LIMIT = 16 * CHUNK  # bytes of one message to a worker (a checkpoint chu
 # Wire format: a message is a 4-byte tag and a little-endian uint64 payload size, then the payload.
 HEADER = struct.Struct("<4sQ")
 CKPT, END, LOAD, BATCH, READY, LOGITS, FAIL = b"CKPT", b"END.", b"LOAD", b"BTCH", b"REDY", b"LGTS", b"FAIL"
+PARAMS = b"PARM"  # the checkpoint's weight count, as a little-endian uint64, sent before the agent's code runs
 TOKEN_WIRE = "<u2"  # a batch's tokens: little-endian uint16 (byte ids and BPE ids alike)
 
 
@@ -87,7 +88,14 @@ def worker(scratch: Path) -> int:
     device, vocab_size = request["device"], int(request.get("vocab_size", VOCAB_SIZE))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
-        model = load_model(path, device)
+        state = read_checkpoint(path, device)
+        parameters = checkpoint_parameters(state)
+    except Exception as exc:
+        return fail(f"the checkpoint could not be loaded: {type(exc).__name__}: {exc}")
+    # Written before the agent's code runs: whatever it does next, it cannot take this message back.
+    _write_message(proto_out, PARAMS, struct.pack("<Q", parameters))
+    try:
+        model = load_model(state, device)
     except Exception as exc:  # anything the agent's code raises is the model's failure, reported in one line
         return fail(f"the model could not be loaded: {type(exc).__name__}: {exc}")
     _write_message(proto_out, READY)

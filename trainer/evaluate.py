@@ -47,7 +47,7 @@ from typing import Protocol
 import numpy as np
 
 from trainer.contract import CHECKPOINT_LIMIT, EVAL_SEQ_LEN, VOCAB_SIZE
-from trainer.eval_worker import (BATCH, CHUNK, CKPT, END, FAIL, HEADER, LOAD, LOGITS, MESSAGE_LIMIT, READY,
+from trainer.eval_worker import (BATCH, CHUNK, CKPT, END, FAIL, HEADER, LOAD, LOGITS, MESSAGE_LIMIT, PARAMS, READY,
                                  TOKEN_WIRE, ProcessChannel, worker)
 
 # ---- knobs -------------------------------------------------------------------------------------
@@ -58,7 +58,8 @@ WHOLE_ROW_PROBES = 0.25  # fraction of judged rows compared at every position (c
 CAUSALITY_TOLERANCE = 1e-3  # max |Δ log-prob of a true target| (float32 CPU differs by ~1e-6 across batchings)
 FLOOR_MARGIN_SE = 4.0  # refuse val_bpb < attainable - 4 standard errors (an honest model: ~3e-5 chance)
 POOL_MIN_TOKENS = 4096  # unscored held-out tokens kept aside to fill the judge's rows after their cuts
-ANSWER_TIMEOUT = 300.0  # seconds a worker may take to load the model or answer one batch
+ANSWER_TIMEOUT = 300.0  # seconds a worker may take to answer one batch
+LOAD_TIMEOUT = 300.0  # seconds a worker may take to load the model (its torch import included, on a busy machine)
 
 
 class EvaluationError(Exception):
@@ -114,8 +115,9 @@ class _Worker:
         except (OSError, ValueError):
             raise self._gone() from None
 
-    def receive(self, expected: bytes, size: int | None, what: str) -> bytes:
-        deadline = min(time.monotonic() + self.answer_timeout, self.deadline)
+    def receive(self, expected: bytes, size: int | None, what: str, timeout: float | None = None) -> bytes:
+        started = time.monotonic()
+        deadline = min(started + (self.answer_timeout if timeout is None else timeout), self.deadline)
         try:
             header = self.channel.read_exact(HEADER.size, deadline)
             if len(header) < HEADER.size:
@@ -129,7 +131,7 @@ class _Worker:
                                       f"{expected!r}, {size} bytes): it wrote to the evaluation's channel")
             payload = self.channel.read_exact(length, deadline)
         except TimeoutError:
-            limit = "the evaluation's time limit" if deadline == self.deadline else f"{self.answer_timeout:g} s"
+            limit = "the evaluation's time limit" if deadline == self.deadline else f"{deadline - started:.0f} s"
             raise EvaluationError(f"the model did not answer ({what}) within {limit}") from None
         if len(payload) < length:
             raise self._gone()
@@ -139,9 +141,12 @@ class _Worker:
         lines = [line for line in self.channel.stderr_tail().strip().splitlines() if line.strip()]
         return EvaluationError(f"the model crashed during evaluation: {_one_line(lines[-1]) if lines else 'it exited'}")
 
-    def load(self, device: str) -> None:
+    def load(self, device: str) -> int:
+        """Load the model; the checkpoint's weight count (sent before the agent's code ran)."""
         self.send(LOAD, json.dumps({"device": device, "vocab_size": self.vocab_size}).encode())
-        self.receive(READY, 0, "answer to loading")
+        (parameters,) = struct.unpack("<Q", self.receive(PARAMS, 8, "weight count", LOAD_TIMEOUT))
+        self.receive(READY, 0, "answer to loading", LOAD_TIMEOUT)
+        return parameters
 
     def target_log_probs(self, batch: np.ndarray, targets: np.ndarray, what: str) -> np.ndarray:
         """log p(target) at each position of `batch` (rows, cols), normalised here from the worker's logits."""
@@ -240,7 +245,7 @@ def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str 
         # Scoring: every row once; keep only the log-probability of each true target.
         on_phase("scoring")
         picked = np.zeros((plan.rows, seq_len), dtype=np.float64)
-        scorer.load(device)
+        parameters = scorer.load(device)
         for index, rows in enumerate(plan.score_batches):
             picked[rows] = scorer.target_log_probs(plan.inputs(tokens, rows), plan.targets(tokens, rows),
                                                    f"batch {index + 1} of {len(plan.score_batches)}")
@@ -274,6 +279,7 @@ def evaluate(checkpoint: Checkpoint | Path, val_tokens: np.ndarray, device: str 
         "val_bpb": val_bpb,
         "val_bpb_se": se,
         "tokens_evaluated": int(bits.size),
+        "parameters": parameters,  # the checkpoint's weights, counted by the worker before the model's code ran
         "bytes_evaluated": int(n_bytes),
         "rows": plan.rows,
         "seq_len": seq_len,

@@ -81,12 +81,13 @@ after another, until the harness ends the session.
 Setup:
 - Your tools act on a sandboxed Linux container with no network. /workspace holds trainer/ (train.py \
 is the file you change); the training split is mounted read-only at /data.
-- run_experiment(description) snapshots the workspace, trains it in a fresh container for a fixed \
+- run_experiment(description, hypothesis, expected_delta) snapshots the workspace, trains it in a fresh container for a fixed \
 wall-clock budget ({budget:g} s all-in: start-up, training and saving; train.py is told the deadline and \
 is killed there, config {trainer_config}), and scores the checkpoint on held-out data with the harness's \
 own evaluator (val_bpb, lower is better; a model that looks ahead or scores below what is attainable is \
-rejected). A better result is kept; otherwise the \
-workspace returns to the best version. Only that measured metric counts.
+rejected). It is kept by the lab's keep rule ({keep_rule}; under significant, only a gain beyond the \
+measured noise, confirmed by training it again with fresh seeds); otherwise the workspace returns to the \
+best version. Only that measured metric counts; the result says why it was kept or not.
 - You may make at most {max_tool_calls} tool calls between two experiments.
 - After every experiment this conversation restarts from a short summary of the lab's history; use \
 list_experiments, show_experiment and diff to look further back.
@@ -181,7 +182,7 @@ class ClaudeAgent:
                               timeout=anthropic.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT))
         self.tools = tool_specs()
         preamble = PREAMBLE.format(budget=config.time_budget, trainer_config=config.trainer_config,
-                                   max_tool_calls=config.max_tool_calls)
+                                   max_tool_calls=config.max_tool_calls, keep_rule=config.keep_rule)
         self.system = [{"type": "text", "text": preamble},
                        {"type": "text", "text": self.program, "cache_control": CACHE}]
         self.messages: list[dict] = []

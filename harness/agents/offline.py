@@ -100,7 +100,7 @@ class OfflineAgent:
         return None
 
     def _choose(self, lab: LabView, knobs: dict) -> tuple[str, object, object] | None:
-        experiments = lab.experiments()
+        experiments = [e for e in lab.experiments() if e.replicate_of is None]  # its own moves, not the reruns
         base_id = lab.base_id
         rng = random.Random(f"{self.config.seed}:{len(experiments)}")  # deterministic, also across a resume
         tried = {m.groups()[::2] for e in experiments if e.parent_id == base_id and (m := DESCRIPTION.match(e.description))}

@@ -38,18 +38,25 @@ class Faulty(nn.Module):
         elif self.fault == "hang":
             time.sleep(3600)
         elif self.fault == "channel":
-            for fd in range(3, 64):  # find the evaluation's own pipe and write garbage to it
-                try:
-                    mode = os.fstat(fd).st_mode
-                except OSError:
-                    continue
-                if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and fd != 2:
-                    try:
-                        os.write(fd, b"LGTS" + (1 << 60).to_bytes(8, "little") + b"garbage")
-                    except OSError:
-                        pass
+            _write_to_pipes(b"LGTS" + (1 << 60).to_bytes(8, "little") + b"garbage")
         return logits
 
 
+def _write_to_pipes(data: bytes) -> None:
+    for fd in range(3, 64):  # find the evaluation's own pipe and write to it
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and fd != 2:
+            try:
+                os.write(fd, data)
+            except OSError:
+                pass
+
+
 def build_model(config):
+    if config["fault"] == "forge_count":  # claim one weight, and that the model is ready, as the worker would
+        _write_to_pipes(b"PARM" + (8).to_bytes(8, "little") + (1).to_bytes(8, "little")
+                        + b"REDY" + (0).to_bytes(8, "little"))
     return Faulty(config["fault"])
