@@ -118,16 +118,16 @@ def status(lab: LabOption = Path(".")) -> None:
     """The lab at a glance: sessions, experiments by status, the best result, what is running."""
     from collections import Counter
 
-    from harness.noise import Runs, lab_noise
+    from harness.noise import lab_noise, runs_of
 
     with open_ledger(lab) as ledger:
         experiments = ledger.experiments()
         session = ledger.last_session()
         best = ledger.best()
         noise = lab_noise(ledger, session.config) if session else None
-        best_runs = Runs.of(best, ledger.replicates(best.id)) if best else None
+        best_runs = runs_of(ledger, best) if best else None
         baseline = next((e for e in experiments if e.replicate_of is None and e.metric is not None), None)
-        baseline_runs = Runs.of(baseline, ledger.replicates(baseline.id)) if baseline else None
+        baseline_runs = runs_of(ledger, baseline) if baseline else None
     counts = Counter(e.status for e in experiments)
     out.print(f"lab: {lab.resolve()}")
     if session is None:

@@ -206,11 +206,14 @@ class ExperimentJob:
     # -- the verdict -------------------------------------------------------------------------------
     def _decide(self, experiment_id: int, snapshot: Snapshot, base: Experiment | None) -> Verdict:
         session, config = self.session, self.session.config
-        candidate = session.ledger.experiment(experiment_id).model_copy(
+        baseline = base is None or base.metric is None  # the lab's first result: its runs are the noise floor
+        if baseline and config.noise_seeds == 1:
+            return "keep"
+        if not baseline and config.keep_rule != "significant":
+            return verdict(self.fields["metric"], base, config)
+        candidate = session.ledger.experiment(experiment_id).model_copy(  # still running: this run's metric and seed
             update={"metric": self.fields["metric"], "seed": self.fields["seed"]})
-        if (base is None or base.metric is None) and config.noise_seeds == 1:
-            return "keep"  # the lab's baseline, run once
-        if base is None or base.metric is None:  # the lab's baseline: its runs are the noise floor
+        if baseline:
             runs = Runs.of(candidate, self._replicates(experiment_id, snapshot, base, config.noise_seeds - 1,
                                                        "noise floor"))
             ignores = " (train.py ignores the seed: every run scored the same)" if runs.ignores_seed else ""
@@ -218,8 +221,6 @@ class ExperimentJob:
             if runs.ignores_seed:
                 log.warning("noise.ignores_seed", experiment=experiment_id, runs=runs.n)
             return "keep"
-        if config.keep_rule != "significant":
-            return verdict(self.fields["metric"], base, config)
         base_runs, noise = session.runs(base), session.noise()
         if rejected := screen(self.fields["metric"], base_runs, noise):
             self.fields["decision"] = rejected.reason

@@ -6,7 +6,7 @@ import difflib
 from dataclasses import dataclass
 
 from harness.ledger import Experiment, Ledger
-from harness.noise import Noise, Runs, lab_noise, surprise
+from harness.noise import Noise, Runs, lab_noise, runs_of, surprise
 from harness.text import clip, printable
 
 DIFF_CONTEXT = 3
@@ -62,8 +62,7 @@ class Standing:
     def of(cls, ledger: Ledger, e: Experiment, config: dict) -> Standing:
         """`config`: the training setup whose noise applies (the session's that ran it)."""
         parent = ledger.experiment(e.parent_id) if e.parent_id else None
-        parent_runs = Runs.of(parent, ledger.replicates(parent.id)) if parent else None
-        return cls(parent, Runs.of(e, ledger.replicates(e.id)), parent_runs, lab_noise(ledger, config))
+        return cls(parent, runs_of(ledger, e), runs_of(ledger, parent) if parent else None, lab_noise(ledger, config))
 
     @property
     def delta(self) -> float | None:

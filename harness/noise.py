@@ -110,6 +110,11 @@ class Noise:
         return f"σ {self.sd:.6f} bpb (df {self.df})" if self.sd is not None else "not measured"
 
 
+def runs_of(ledger: Ledger, experiment: Experiment) -> Runs:
+    """A finished experiment's scored runs, as the ledger holds them."""
+    return Runs.of(experiment, ledger.replicates(experiment.id))
+
+
 def lab_noise(ledger: Ledger, config: dict) -> Noise:
     """The noise of one run under `config`'s training setup, pooled over the lab's replicated variants."""
     setup = noise_setup(config)

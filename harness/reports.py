@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from harness.history import unified_diff
 from harness.lab import open_ledger
 from harness.ledger import Experiment
-from harness.noise import Runs, lab_noise
+from harness.noise import lab_noise, runs_of
 
 
 class PlotSeries(BaseModel):
@@ -80,7 +80,7 @@ def report(lab: Path) -> str:
         chain = ledger.lineage(best.id) if best else []
         if best:
             diff = unified_diff(ledger.sources(chain[0].id), ledger.sources(best.id), f"#{chain[0].id}", f"#{best.id}")
-            runs = {e.id: Runs.of(e, ledger.replicates(e.id)) for e in chain}
+            runs = {e.id: runs_of(ledger, e) for e in chain}
         noise = lab_noise(ledger, sessions[-1].config) if sessions else None
     counts = {status: sum(e.status == status for e in experiments)
               for status in ("keep", "discard", "crash", "timeout", "replicate")}

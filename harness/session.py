@@ -25,7 +25,7 @@ from harness import failpoints
 from harness.config import LabConfig
 from harness.lab import LEDGER_FILE, lock_lab, write_atomically
 from harness.ledger import Experiment, Ledger, SessionRow, Status
-from harness.noise import Noise, Runs, lab_noise
+from harness.noise import Noise, Runs, lab_noise, runs_of
 from harness.text import one_line
 from sandbox.engine import reap_orphans
 from sandbox.errors import SandboxError
@@ -172,7 +172,7 @@ class Session:
     # -- noise ---------------------------------------------------------------------------------------
     def runs(self, experiment: Experiment) -> Runs:
         """The experiment's scored runs: its own and its replicates'."""
-        return Runs.of(experiment, self.ledger.replicates(experiment.id))
+        return runs_of(self.ledger, experiment)
 
     def noise(self) -> Noise:
         """The noise of one run, pooled over the lab's replicated variants trained under this session's setup."""
