@@ -5,15 +5,19 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEMO_LAB ?= demo-lab
 
-.PHONY: demo test setup engine venv image bench clean-images
+.PHONY: demo test test-tools setup engine venv image bench clean-images
 
 # An offline session (no key, CPU, synthetic data) of a few experiments; prints the results table.
 # Run it again to continue from the best result so far.
 demo: setup
 	$(BIN)/labrat run --lab $(DEMO_LAB) --max-experiments 4 --budget 30
 
-test: setup
+test: setup test-tools
 	$(BIN)/pytest
+
+# Chromium, for the HTML report's browser test.
+test-tools:
+	@bash scripts/setup-test-tools.sh
 
 setup: engine venv image
 

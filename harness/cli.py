@@ -163,13 +163,16 @@ def log_command(
 ) -> None:
     """The experiments of the lab, latest last."""
     from harness.progress import results_table
+    from harness.reports import surprises
 
     with open_ledger(lab) as ledger:
         tsv_text, experiments = ledger.results_tsv(), ledger.experiments()
+        shown = experiments[-limit:]
+        marks = {e.id: verdict for e, _, verdict in surprises(ledger, shown)}
     if tsv:
         out.print(tsv_text, end="", highlight=False, markup=False)
         return
-    out.print(results_table(experiments[-limit:], title=f"{len(experiments)} experiments"))
+    out.print(results_table(shown, title=f"{len(experiments)} experiments", marks=marks))
 
 
 @app.command()
@@ -349,24 +352,58 @@ def gc(
 @app.command("plot")
 def plot_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file.")] = Path("progress.png"),
+    pareto: Annotated[bool, typer.Option("--pareto", help="Draw the Pareto fronts (val_bpb against parameters, "
+                                                          "peak memory, throughput) instead.")] = False,
     lab: LabOption = Path("."),
 ) -> None:
-    """autoresearch's progress chart: val_bpb per experiment, kept ones highlighted, running best, floor."""
-    from harness.reports import plot
+    """The progress chart: val_bpb per experiment, kept steps labelled, running best with the noise band, floor."""
+    from harness.reports import plot, plot_pareto
 
+    if pareto:
+        found = plot_pareto(lab, output)
+        out.print(f"wrote {output}: " + ", ".join(f"{f.axis.name} front {len(f.front)} of {len(f.points)}"
+                                                  for f in found), highlight=False)
+        return
     series = plot(lab, output)
     out.print(f"wrote {output}: {len(series.ids)} experiments, {len(series.kept_ids)} kept", highlight=False)
 
 
-@app.command("report")
-def report_command(
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Markdown file (default: stdout).")] = None,
+@app.command("pareto")
+def pareto_command(
+    axis: Annotated[list[str] | None, typer.Option(help="parameters, memory or throughput (repeatable; default: "
+                                                        "all three).")] = None,
     lab: LabOption = Path("."),
 ) -> None:
-    """A Markdown summary: the best variant, its diff against the baseline, the lineage, time, tokens, cost."""
-    from harness.reports import report
+    """The Pareto fronts: variants no other beats on both val_bpb (mean of runs) and a cost or a speed."""
+    from harness.pareto import AXES, fronts, value_text
 
-    text = report(lab)
+    unknown = [name for name in axis or [] if name not in AXES]
+    if unknown:
+        raise ConfigError(f"unknown axis {unknown[0]!r}: choose from {', '.join(AXES)}")
+    with open_ledger(lab) as ledger:
+        found = fronts(ledger, axis)
+    for front in found:
+        table = Table(title=f"val_bpb against {front.axis.label}: {len(front.front)} on the front of "
+                            f"{len(front.points)} variants")
+        for column in ("#", front.axis.name, "val_bpb", "runs", "status", "description"):
+            table.add_column(column, justify="left" if column in ("status", "description") else "right")
+        for p in front.front:
+            table.add_row(str(p.experiment_id), value_text(front.axis, p.value), f"{p.metric:.6f}", str(p.runs),
+                          p.status, escape(p.description[:80]))
+        out.print(table)
+
+
+@app.command("report")
+def report_command(
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File (default: stdout).")] = None,
+    html: Annotated[bool, typer.Option("--html", help="One self-contained HTML page, the plots embedded.")] = False,
+    lab: LabOption = Path("."),
+) -> None:
+    """What is worth examining: significant wins, surprising results, Pareto fronts, each kept step's contribution,
+    dead ends; then the best variant, its lineage and diff. Markdown, or HTML with --html."""
+    from harness.reports import report, report_html
+
+    text = report_html(lab) if html else report(lab)
     if output:
         output.write_text(text)
         out.print(f"wrote {output}", highlight=False)

@@ -59,10 +59,19 @@ class Standing:
     noise: Noise
 
     @classmethod
-    def of(cls, ledger: Ledger, e: Experiment, config: dict) -> Standing:
-        """`config`: the training setup whose noise applies (the session's that ran it)."""
+    def of(cls, ledger: Ledger, e: Experiment, config: dict, noise: Noise | None = None) -> Standing:
+        """`config`: the training setup whose noise applies (the session's that ran it); `noise`: that setup's
+        noise when the caller has it already (a view of many rows computes it once)."""
         parent = ledger.experiment(e.parent_id) if e.parent_id else None
-        return cls(parent, runs_of(ledger, e), runs_of(ledger, parent) if parent else None, lab_noise(ledger, config))
+        return cls(parent, runs_of(ledger, e), runs_of(ledger, parent) if parent else None,
+                   noise if noise is not None else lab_noise(ledger, config))
+
+    @property
+    def delta_se(self) -> float | None:
+        """The standard error of `delta` under the lab's noise (None: no estimate of the noise)."""
+        if self.delta is None or self.noise.sd is None:
+            return None
+        return self.noise.sd * (1 / self.runs.n + 1 / self.parent_runs.n) ** 0.5
 
     @property
     def delta(self) -> float | None:

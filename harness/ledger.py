@@ -405,12 +405,20 @@ class Ledger:
         return json.loads(self.session(session_id).root_sources_json or "{}")
 
     def best(self, session_id: str | None = None) -> Experiment | None:
-        where = " AND session_id = ?" if session_id else ""
+        """The kept experiment with the lowest mean of its runs (its own and its replicates': a lucky first run
+        of a confirmed variant does not outrank a steadier one)."""
+        where = " AND e.session_id = ?" if session_id else ""
+        replicas = "FROM experiments r WHERE r.replicate_of = e.id AND r.status = 'replicate' AND r.metric IS NOT NULL"
         row = self.db.execute(
-            "SELECT * FROM experiments WHERE status = 'keep' AND metric IS NOT NULL" + where +
-            " ORDER BY metric ASC, id ASC LIMIT 1", (session_id,) if session_id else ()
+            f"SELECT e.*, (e.metric + COALESCE((SELECT SUM(r.metric) {replicas}), 0)) / (1 + (SELECT COUNT(*) "
+            f"{replicas})) AS mean_of_runs FROM experiments e WHERE e.status = 'keep' AND e.metric IS NOT NULL"
+            + where + " ORDER BY mean_of_runs ASC, e.id ASC LIMIT 1", (session_id,) if session_id else ()
         ).fetchone()
-        return Experiment(**dict(row)) if row else None
+        if row is None:
+            return None
+        fields = dict(row)
+        fields.pop("mean_of_runs")
+        return Experiment(**fields)
 
     # -- tool calls and events ---------------------------------------------------------------------
     def record_tool_call(self, session_id: str, experiment_id: int | None, name: str, tool_input: dict,

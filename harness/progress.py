@@ -112,8 +112,11 @@ class LiveView(Progress):
         return Panel(Group(header, recent), title="labrat run", border_style="blue")
 
 
-def results_table(experiments: list[Experiment], title: str = "experiments") -> Table:
-    """The table `labrat run` prints at the end and `labrat log` shows."""
+def results_table(experiments: list[Experiment], title: str = "experiments",
+                  marks: dict[int, str] | None = None) -> Table:
+    """The table `labrat run` prints at the end and `labrat log` shows; `marks`: a note per experiment id
+    (the surprising results), shown after its description."""
+    marks = marks or {}
     table = Table(title=title)
     for column in ("#", "parent", "status", "val_bpb", "gap", "memory GB", "seconds", "tokens", "cost $", "description"):
         table.add_column(column, justify="right" if column not in ("status", "description") else "left")
@@ -124,6 +127,7 @@ def results_table(experiments: list[Experiment], title: str = "experiments") -> 
             f"{e.memory_bytes / 1024**3:.2f}" if e.memory_bytes else "-", f"{e.seconds or 0:.1f}",
             f"{e.tokens_in + e.tokens_out:,}" if e.tokens_in or e.tokens_out else "-",
             f"{e.cost_usd:.4f}" if e.cost_usd else "-",
-            escape(e.description[:80] + (f" (expects {e.expected_delta:+.4f})" if e.expected_delta is not None else "")),
+            escape(e.description[:80] + (f" (expects {e.expected_delta:+.4f})" if e.expected_delta is not None else ""))
+            + (f" [bold magenta]{escape(marks[e.id])}[/]" if e.id in marks else ""),
         )
     return table

@@ -35,6 +35,24 @@ def test_experiment_lifecycle_and_best(ledger):
         ledger.finish_experiment(ledger.begin_experiment("s1", c, "x"), "crash", bogus=1)
 
 
+def test_the_best_is_the_lowest_mean_of_runs_not_a_lucky_first_run(ledger):
+    base = ledger.begin_experiment("s1", None, "baseline")
+    ledger.finish_experiment(base, "keep", metric=1.5)
+    lucky = ledger.begin_experiment("s1", base, "lucky first run")
+    ledger.finish_experiment(lucky, "keep", metric=1.2)
+    for metric in (1.45, 1.46):  # its confirmations: mean of runs 1.37
+        ledger.finish_experiment(ledger.begin_experiment("s1", base, "confirm", replicate_of=lucky), "replicate",
+                                 metric=metric)
+    steady = ledger.begin_experiment("s1", lucky, "steady")
+    ledger.finish_experiment(steady, "keep", metric=1.3)
+    a_crashed_replicate = ledger.begin_experiment("s1", lucky, "confirm", replicate_of=steady)
+    ledger.finish_experiment(a_crashed_replicate, "crash")  # no metric: not a run
+    assert ledger.best().id == steady
+    ledger.finish_experiment(ledger.begin_experiment("s1", lucky, "confirm", replicate_of=steady), "replicate",
+                             metric=1.6)  # steady's mean becomes 1.45: worse than lucky's 1.37
+    assert ledger.best().id == lucky
+
+
 def test_results_tsv_has_autoresearchs_columns(ledger):
     e = ledger.begin_experiment("s1", None, "tabs\tand\nnewlines")
     ledger.finish_experiment(e, "keep", metric=0.987654321, memory_bytes=int(44.2 * 1024**3), snapshot="lab1-e00001",
