@@ -161,7 +161,7 @@ def run_labrat(lab: Path, state: dict) -> dict:
     opened = time.monotonic()
     loads: list[float] = []
     lab_run = LabRun(lab, config, agent="offline", new_session=True).__enter__()  # as `labrat run` opens it
-    lab_run.session.progress = Report("labrat", loads)
+    lab_run.lab_session.progress = Report("labrat", loads)
     state["lab_id"] = lab_run.lab_id
     state["session_id"] = lab_run.session_id
     ready = time.monotonic()

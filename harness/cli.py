@@ -76,6 +76,8 @@ def run(
     gpus: Annotated[str | None, typer.Option(help='"all" or device ids like "0,1".')] = None,
     runtime: Annotated[str | None, typer.Option(help="runc, or runsc for gVisor.")] = None,
     new: Annotated[bool, typer.Option("--new", help="Start a new session even if the last one can be resumed.")] = False,
+    parallel: Annotated[int | None, typer.Option(help="Agents at work at once (lanes): one GPU each from --gpus, or "
+                                                      "a disjoint share of the CPU cores.")] = None,
 ) -> None:
     """Start a research session, or resume the last one if it was interrupted."""
     from harness.config import apply_overrides, load_config
@@ -85,26 +87,32 @@ def run(
 
     ensure_lab(lab)
     config = apply_overrides(load_config(lab), agent=agent, model=model, time_budget=budget,
-                             max_experiments=max_experiments, max_hours=hours, gpus=gpus, runtime=runtime)
+                             max_experiments=max_experiments, max_hours=hours, gpus=gpus, runtime=runtime,
+                             parallel=parallel)
     # On a terminal the live view is the display: log lines (all still in the lab's log file) would tear it.
     quiet = console.is_terminal and "LABRAT_LOG_LEVEL" not in os.environ
     logs.configure(file=lab / "logs" / "labrat.log", level="warning" if quiet else None)
-    researcher = make_agent(config, read_program(lab))
+    program = read_program(lab)
+    researcher = make_agent(config, program)
     with _spinner("starting the session") as update:
         lab_run = LabRun(lab, config, agent=config.agent, model=researcher.model, new_session=new, on_step=update)
-        lab_run.__enter__()  # closed by run_agent, whatever happens
+        lab_run.__enter__()  # closed by run_agents, whatever happens
     session = lab_run.session
-    view = LiveView(console, config.max_experiments, lab_run.data.floor_bpb)
-    session.progress = view
+    view = LiveView(console, config.max_experiments, lab_run.data.floor_bpb, lanes=len(lab_run.lanes))
+    lab_run.lab_session.progress = view
     action = "resumed" if session.resumed else "started"
+    lanes = (f", {len(lab_run.lanes)} lanes: " + ", ".join(lane.resources.describe() for lane in lab_run.lanes)
+             if len(lab_run.lanes) > 1 else "")
     console.print(f"session {session.session_id} {action} in {lab} ({config.agent} agent, {config.runtime}, "
-                  f"{'GPUs ' + config.gpus if config.gpus else 'CPU'}, {config.time_budget:g} s budget)", highlight=False)
+                  f"{'GPUs ' + config.gpus if config.gpus else 'CPU'}, {config.time_budget:g} s budget{lanes})",
+                  highlight=False)
     with view:
-        failure = lab_run.run_agent(researcher)
+        failure = lab_run.run_agents(lambda lane: researcher if lane == 0 else make_agent(config, program, lane))
     with open_ledger(lab) as ledger:
         experiments = ledger.experiments(session.session_id)
     out.print(results_table(experiments, title=f"session {session.session_id}"))
-    out.print(f"results: {lab / 'results.tsv'}; stop: {failure or session.stop}", highlight=False)
+    out.print(f"results: {lab / 'results.tsv'}; stop: {failure or session.stop or lab_run.lab_session.stop}",
+              highlight=False)
     if failure:
         console.print(f"[bold red]labrat: error:[/] {escape(failure)} (state saved: `labrat run` resumes)", highlight=False)
         raise typer.Exit(3)
@@ -128,6 +136,7 @@ def status(lab: LabOption = Path(".")) -> None:
         best_runs = runs_of(ledger, best) if best else None
         baseline = next((e for e in experiments if e.replicate_of is None and e.metric is not None), None)
         baseline_runs = runs_of(ledger, baseline) if baseline else None
+        lane_bases = ledger.lane_bases(session.id) if session else {}
     counts = Counter(e.status for e in experiments)
     out.print(f"lab: {lab.resolve()}")
     if session is None:
@@ -147,9 +156,12 @@ def status(lab: LabOption = Path(".")) -> None:
         floor = f"; baseline #{baseline.id}: {baseline_runs.text()}" if baseline_runs and baseline_runs.n > 1 else ""
         seedless = " (train.py ignores the seed)" if baseline_runs and baseline_runs.ignores_seed else ""
         out.print(f"noise of one run: {noise.text()}{floor}{seedless}", highlight=False)
-    running = [e for e in experiments if e.status == "running"]
-    if running:
-        out.print(f"running: #{running[-1].id} {running[-1].description}", highlight=False, markup=False)
+    if len(lane_bases) > 1:
+        out.print("lanes: " + ", ".join(f"lane {lane} from #{base or '-'}" for lane, base in lane_bases.items()),
+                  highlight=False)
+    for e in (e for e in experiments if e.status == "running"):
+        lane = f" (lane {e.lane})" if len(lane_bases) > 1 else ""
+        out.print(f"running: #{e.id}{lane} {e.description}", highlight=False, markup=False)
     tokens = sum(e.tokens_in + e.tokens_out for e in experiments)
     if tokens:
         out.print(f"agent: {tokens:,} tokens, ${sum(e.cost_usd for e in experiments):.4f}", highlight=False)
@@ -231,7 +243,7 @@ def noise(
         if target is None:
             raise ConfigError("no experiment to re-run yet: `labrat run` first")
         count = seeds or max(config.noise_seeds, 2)
-        session.progress = LiveView(console, None, lab_run.data.floor_bpb)
+        lab_run.lab_session.progress = LiveView(console, None, lab_run.data.floor_bpb)
         update(f"re-running #{target.id} {count} times")
         runs = lab_run.measure_noise(target, count)
         noise_now = session.noise()

@@ -65,6 +65,10 @@ class LabConfig(BaseModel):
     compile_cache_mb: int = Field(0, ge=0, description="MiB of inductor/Triton compile cache kept between training "
                                   "runs (0: off; on, a warm run trains longer and runs can pass data: docs/security.md)")
     max_tool_calls: int = Field(40, ge=1, description="agent tool calls allowed between two experiments")
+    parallel: int = Field(1, ge=1, le=64, description="agents at work at once (lanes), each with its own working "
+                          "container, lineage, and GPU (from gpus) or share of the CPU cores")
+    adopt_best: bool = Field(True, description="with lanes: a lane whose base another lane has beaten moves to the "
+                             "lab's best")
 
     @model_validator(mode="before")
     @classmethod
@@ -79,6 +83,13 @@ class LabConfig(BaseModel):
     def _significant_needs_replicates(self) -> LabConfig:
         if self.keep_rule == "significant" and self.noise_seeds < 2:
             raise ValueError("keep_rule = significant needs noise_seeds of 2 or more (each candidate is confirmed)")
+        return self
+
+    @model_validator(mode="after")
+    def _lanes_share_no_compile_cache(self) -> LabConfig:
+        if self.parallel > 1 and self.compile_cache_mb:
+            raise ValueError("compile_cache_mb with parallel > 1 is not supported yet: one lab cache, written by one "
+                             "lane at a time; turn one of them off")
         return self
 
     @model_validator(mode="before")

@@ -37,7 +37,8 @@ def metric_text(value: float | None) -> str:
 def summary_line(e: Experiment) -> str:
     parent = f"#{e.parent_id}" if e.parent_id else "base"
     gap = f" gap {e.floor_gap:.4f}" if e.floor_gap is not None else ""
-    return (f"#{e.id} (from {parent}) {e.status:8s} val_bpb {metric_text(e.metric)}{gap} "
+    lane = f", lane {e.lane}" if e.lane else ""
+    return (f"#{e.id} (from {parent}{lane}) {e.status:8s} val_bpb {metric_text(e.metric)}{gap} "
             f"{e.seconds or 0:.0f}s  {printable(' '.join(e.description.split()))[:120]}")
 
 

@@ -215,7 +215,7 @@ def gc_lab(path: Path, dry_run: bool = False):
             raise ConfigError(f"{path} has no experiments yet: nothing to collect")
         experiments = ledger.experiments()
         keep_ids = {e.id for e in experiments if e.status == "keep"}
-        keep_ids |= {s.base_experiment_id for s in ledger.sessions() if s.base_experiment_id}
+        keep_ids |= {base for s in ledger.sessions() for base in ledger.lane_bases(s.id).values() if base}
         if pending := ledger.meta("next_base"):
             keep_ids.add(int(pending))
         store = SnapshotStore()

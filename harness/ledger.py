@@ -23,14 +23,14 @@ Verdict = Literal["keep", "discard", "crash", "timeout"]  # how an experiment en
 # An experiment row: running, then its verdict; a replicate (another seed's run of an experiment's snapshot,
 # for the noise floor or a confirmation) ends as `replicate` when it was scored.
 Status = Literal["running", "keep", "discard", "crash", "timeout", "replicate"]
-SCHEMA_VERSION = 3  # 3: the replicate status (the experiments table is rebuilt: SQLite cannot alter a CHECK)
+SCHEMA_VERSION = 4  # 3: the replicate status (the experiments table is rebuilt: SQLite cannot alter a CHECK); 4: lanes
 # Columns added after version 1: a ledger made by an older labrat gets them on open (ALTER TABLE ADD COLUMN).
 ADDED_COLUMNS = {
     "sessions": ["resumable INTEGER NOT NULL DEFAULT 1", "base_experiment_id INTEGER REFERENCES experiments(id)",
                  "root_sources_json TEXT"],
     "experiments": ["eval_json TEXT", "sources_json TEXT", "train_seconds REAL", "timings_json TEXT",
                     "compile_cache TEXT", "hypothesis TEXT", "expected_delta REAL", "seed INTEGER",
-                    "replicate_of INTEGER REFERENCES experiments(id)", "decision TEXT"],
+                    "replicate_of INTEGER REFERENCES experiments(id)", "decision TEXT", "lane INTEGER NOT NULL DEFAULT 0"],
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     seed INTEGER,
     replicate_of INTEGER REFERENCES experiments(id),
     decision TEXT,
+    lane INTEGER NOT NULL DEFAULT 0,
     started_at TEXT NOT NULL,
     finished_at TEXT
 );
@@ -96,6 +97,12 @@ CREATE TABLE IF NOT EXISTS events (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS experiments_by_session ON experiments(session_id, id);
+CREATE TABLE IF NOT EXISTS lane_bases (
+    session_id TEXT NOT NULL REFERENCES sessions(id),
+    lane INTEGER NOT NULL CHECK (lane > 0),
+    base_experiment_id INTEGER REFERENCES experiments(id),
+    PRIMARY KEY (session_id, lane)
+);
 """
 
 
@@ -108,6 +115,15 @@ def _bounded_json(value) -> str:
     if len(text) <= TOOL_INPUT_CHARS:
         return text
     return json.dumps({"labrat_truncated": True, "chars": len(text), "head": text[:TOOL_INPUT_CHARS]})
+
+
+def _set_lane_base(db: sqlite3.Connection, session_id: str, lane: int, experiment_id: int | None) -> None:
+    if lane == 0:
+        db.execute("UPDATE sessions SET base_experiment_id = ? WHERE id = ?", (experiment_id, session_id))
+    else:
+        db.execute("INSERT INTO lane_bases (session_id, lane, base_experiment_id) VALUES (?, ?, ?) ON CONFLICT "
+                   "(session_id, lane) DO UPDATE SET base_experiment_id = excluded.base_experiment_id",
+                   (session_id, lane, experiment_id))
 
 
 def _now() -> str:
@@ -142,6 +158,7 @@ class Experiment(BaseModel):
     seed: int | None = None  # the harness's training seed for this run (None: an older labrat, the lab's seed)
     replicate_of: int | None = None  # this row re-ran that experiment's snapshot with another seed
     decision: str | None = None  # why the keep rule decided as it did (the significance test, the noise floor)
+    lane: int = 0  # which of the session's lanes (agents in parallel, each with its own base) ran it
     started_at: str
     finished_at: str | None = None
 
@@ -173,9 +190,12 @@ class Imported(BaseModel):
 class Ledger:
     """All of labrat's SQL. Use as `with Ledger(path) as ledger:`; every write is one transaction."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: bool = False):
+        """`threads`: the connection may be used by another thread than the one that opens it (a lane's; never
+        by two threads at once: each lane has its own connection)."""
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions only
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None,  # explicit transactions only
+                                  check_same_thread=not threads)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a finished experiment survives a power cut
@@ -259,10 +279,29 @@ class Ledger:
             db.execute("UPDATE sessions SET ended_at = NULL, stop_reason = NULL, resumable = 1 WHERE id = ?", (session_id,))
         return self.session(session_id)
 
-    def set_base(self, session_id: str, experiment_id: int | None) -> None:
-        """The experiment the session's next experiments start from (rollback moves it)."""
+    def set_base(self, session_id: str, experiment_id: int | None, lane: int = 0) -> None:
+        """The experiment a lane's next experiments start from (rollback moves lane 0's; adopting the lab's best
+        moves another lane's). Lane 0's base is the session's."""
         with self.transaction() as db:
-            db.execute("UPDATE sessions SET base_experiment_id = ? WHERE id = ?", (experiment_id, session_id))
+            _set_lane_base(db, session_id, lane, experiment_id)
+
+    def lane_bases(self, session_id: str) -> dict[int, int | None]:
+        """{lane: its base} of every lane of the session that has run an experiment or has a base of its own."""
+        bases = {0: self.session(session_id).base_experiment_id}
+        for row in self.db.execute("SELECT lane, base_experiment_id FROM lane_bases WHERE session_id = ?", (session_id,)):
+            bases[row["lane"]] = row["base_experiment_id"]
+        for row in self.db.execute("SELECT DISTINCT lane FROM experiments WHERE session_id = ?", (session_id,)):
+            bases.setdefault(row["lane"], bases[0])
+        return dict(sorted(bases.items()))
+
+    def lane_base(self, session_id: str, lane: int = 0) -> int | None:
+        """The base of a session's lane: lane 0's is the session's; another lane's starts as the session's."""
+        if lane:
+            row = self.db.execute("SELECT base_experiment_id FROM lane_bases WHERE session_id = ? AND lane = ?",
+                                  (session_id, lane)).fetchone()
+            if row is not None:
+                return row["base_experiment_id"]
+        return self.session(session_id).base_experiment_id
 
     def session(self, session_id: str) -> SessionRow:
         row = self.db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
@@ -297,12 +336,12 @@ class Ledger:
 
     # -- experiments -------------------------------------------------------------------------------
     def begin_experiment(self, session_id: str, parent_id: int | None, description: str, hypothesis: str | None = None,
-                         expected_delta: float | None = None, replicate_of: int | None = None) -> int:
+                         expected_delta: float | None = None, replicate_of: int | None = None, lane: int = 0) -> int:
         with self.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO experiments (session_id, parent_id, status, description, hypothesis, expected_delta,"
-                " replicate_of, started_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
-                (session_id, parent_id, description, hypothesis, expected_delta, replicate_of, _now()))
+                " replicate_of, lane, started_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                (session_id, parent_id, description, hypothesis, expected_delta, replicate_of, lane, _now()))
             return int(cursor.lastrowid)
 
     def finish_experiment(self, experiment_id: int, status: Status, **fields) -> Experiment:
@@ -323,9 +362,9 @@ class Ledger:
                                  (status, *fields.values(), experiment_id)).rowcount
             if updated != 1:
                 raise ValueError(f"experiment {experiment_id} is not running")
-            if status == "keep":
-                db.execute("UPDATE sessions SET base_experiment_id = ? WHERE id = "
-                           "(SELECT session_id FROM experiments WHERE id = ?)", (experiment_id, experiment_id))
+            if status == "keep":  # the experiment's lane moves to it
+                row = db.execute("SELECT session_id, lane FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
+                _set_lane_base(db, row["session_id"], row["lane"], experiment_id)
             failpoints.reach("ledger.before_commit")
         return self.experiment(experiment_id)
 
@@ -373,9 +412,9 @@ class Ledger:
             found.append((experiment, replicates, self.session(experiment.session_id).config))
         return found
 
-    def running_experiment_id(self, session_id: str) -> int | None:
-        row = self.db.execute("SELECT id FROM experiments WHERE session_id = ? AND status = 'running'",
-                              (session_id,)).fetchone()
+    def running_experiment_id(self, session_id: str, lane: int = 0) -> int | None:
+        row = self.db.execute("SELECT id FROM experiments WHERE session_id = ? AND lane = ? AND status = 'running'",
+                              (session_id, lane)).fetchone()
         return row["id"] if row else None
 
     def lineage(self, experiment_id: int) -> list[Experiment]:
@@ -466,14 +505,17 @@ class Ledger:
 
     # -- export ------------------------------------------------------------------------------------
     def results_tsv(self) -> str:
-        """autoresearch's results.tsv: commit, val_bpb, memory_gb, status, description (tab-separated)."""
-        lines = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription"]
-        for e in self.experiments():
+        """autoresearch's results.tsv: commit, val_bpb, memory_gb, status, description (tab-separated); a lab that
+        ran lanes gets a sixth column, lane."""
+        experiments = self.experiments()
+        lanes = any(e.lane for e in experiments)
+        lines = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription" + ("\tlane" if lanes else "")]
+        for e in experiments:
             if e.status == "running":
                 continue
             metric = f"{e.metric:.6f}" if e.metric is not None else "0.000000"
             memory = f"{(e.memory_bytes or 0) / 1024**3:.1f}"
             description = " ".join(e.description.split())
             commit = (e.snapshot_image_id or "").removeprefix("sha256:")[:12] or f"exp{e.id}"  # the snapshot's content id
-            lines.append(f"{commit}\t{metric}\t{memory}\t{e.status}\t{description}")
+            lines.append(f"{commit}\t{metric}\t{memory}\t{e.status}\t{description}" + (f"\t{e.lane}" if lanes else ""))
         return "\n".join(lines) + "\n"

@@ -167,7 +167,8 @@ class LocalExecutor:
     evaluates under one lab's configuration, and starts its working containers."""
 
     def __init__(self, config: LabConfig, image: str, data: PreparedData, store: SnapshotStore, session_id: str,
-                 compile_cache: Path | None = None):
+                 compile_cache: Path | None = None, cpuset: str | None = None):
+        """`cpuset`: the host cores every container of this executor runs on (a lane's own; None: any)."""
         self.config = config
         # The lab's compile cache (a tar of inductor's and Triton's caches), used when the config turns it on.
         self.compile_cache = compile_cache if config.compile_cache_mb else None
@@ -178,7 +179,8 @@ class LocalExecutor:
         self.session_id = session_id
         self.work_policy = SandboxPolicy(
             image=image, runtime=config.runtime, gpus=config.gpus, memory_bytes=int(config.memory_gb * 1024**3),
-            disk_bytes=int(config.disk_gb * 1024**3), cpus=config.cpus, ro_mounts={TRAIN_DATA: str(data.train_dir)},
+            disk_bytes=int(config.disk_gb * 1024**3), cpus=config.cpus, cpuset=cpuset,
+            ro_mounts={TRAIN_DATA: str(data.train_dir)},
             file_size_bytes=contract.CHECKPOINT_LIMIT,  # the checkpoint's limit is the same on both sides
         )
         # Evaluation workers hold no data and no capability: a read-only root, so the model can write only the

@@ -325,6 +325,8 @@ class Toolbox:
         # crash `labrat log`, so brackets become parentheses (as in the agent's failure reasons).
         description = args.description.replace("[", "(").replace("]", ")")
         hypothesis = args.hypothesis.replace("[", "(").replace("]", ")") if args.hypothesis else None
+        if reason := self.session.stop_reason():  # e.g. another lane's experiment took the last of the budget
+            return ToolResult(text=f"no experiment started: the session is stopping ({reason})", is_error=True)
         experiment = self._run_experiment_job(description, hypothesis, args.expected_delta)
         return ToolResult(text=outcome_text(experiment, self.session.base),
                           is_error=experiment.status in ("crash", "timeout"))

@@ -164,6 +164,24 @@ def remove_stopped(session: str, *, client: docker.DockerClient | None = None) -
     return removed
 
 
+IN_FLIGHT_ROLES = ("train", "eval-")  # an experiment's containers (roles, or role prefixes): not the working one
+
+
+def remove_session_containers(session: str, roles: tuple[str, ...], *,
+                              client: docker.DockerClient | None = None) -> list[str]:
+    """Force-remove the session's containers whose role is one of `roles` (or starts with one ending in "-"):
+    stops the experiments in flight at once (an interrupt with lanes at work). Returns their names."""
+    removed = []
+    with engine_errors():
+        engine = resolve_client(client)
+        for row in engine.api.containers(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
+            role = (row.get("Labels") or {}).get(LABEL_ROLE, "")
+            if any(role == r or (r.endswith("-") and role.startswith(r)) for r in roles):
+                remove_container(row["Id"], client=engine)
+                removed.append(row["Names"][0].lstrip("/"))
+    return removed
+
+
 def require_runtime(name: str, *, client: docker.DockerClient | None = None) -> None:
     """Fail with a one-line hint when the engine has no runtime called `name`."""
     if name == "runc":

@@ -37,6 +37,9 @@ class SandboxPolicy(BaseModel):
     pids_limit: int = Field(256, ge=16)
     memory_bytes: int = Field(2 * 1024**3, ge=64 * 1024**2)
     cpus: float | None = Field(None, gt=0)  # None: all host cores
+    # The host cores the container may run on ("0", "2-3", "0,4"): a lane's own, so that two experiments in
+    # flight never share a core. None: any.
+    cpuset: str | None = Field(None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
     tmp_bytes: int = Field(256 * 1024**2, ge=1024**2)  # /tmp is a tmpfs: never snapshotted, bounded
     disk_bytes: int = Field(4 * 1024**3, ge=1024**2)  # bytes the container may add to its writable layer
     file_size_bytes: int = Field(2 * 1024**3, ge=1024**2)  # RLIMIT_FSIZE: one file cannot exceed this

@@ -289,6 +289,8 @@ def _container_args(policy: SandboxPolicy, name: str, labels: dict[str, str]) ->
         args["volumes"] = {source: {"bind": target, "mode": "ro"} for target, source in policy.ro_mounts.items()}
     if policy.cpus:
         args["nano_cpus"] = int(policy.cpus * 1e9)
+    if policy.cpuset:
+        args["cpuset_cpus"] = policy.cpuset
     if policy.gpus:
         if policy.gpus == "all":
             args["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]

@@ -110,8 +110,9 @@ def test_a_version_1_ledger_is_upgraded_in_place(tmp_path):
     """)
     db.close()
     ledger = Ledger(path)
-    assert ledger.meta("schema_version") == "3"
+    assert ledger.meta("schema_version") == "4"
     assert ledger.experiment(1).metric == 1.5 and ledger.experiment(1).timings_json is None
+    assert ledger.experiment(1).lane == 0 and ledger.lane_base("old", 1) is None  # lanes came with version 4
     assert ledger.session("old").resumable and ledger.session("old").base_experiment_id is None
     b = ledger.begin_experiment("old", 1, "wider")
     assert ledger.finish_experiment(b, "keep", metric=1.2, sources_json="{}").metric == 1.2

@@ -147,7 +147,7 @@ def test_an_older_ledger_gains_the_replicate_status_and_keeps_its_rows(tmp_path)
         assert [r.metric for r in ledger.replicates(1)] == [1.26]
         assert ledger.db.execute("SELECT count(*) FROM tool_calls WHERE experiment_id = 1").fetchone()[0] == 1
         assert ledger.db.execute("PRAGMA foreign_key_check").fetchall() == []
-        assert ledger.meta("schema_version") == "3"
+        assert ledger.meta("schema_version") == "4"
     with Ledger(path) as again:  # opening a migrated ledger changes nothing
         assert [e.status for e in again.experiments()] == ["keep", "replicate"]
 

@@ -70,3 +70,17 @@ def test_a_stated_expectation_is_shown_next_to_the_measured_effect_and_the_noise
     assert "hypothesis" not in experiment_detail(parent)  # nothing stated, nothing shown
     crashed = Experiment(id=3, parent_id=1, metric=None, hypothesis="h", **{**base, "status": "crash"})
     assert "no expected Δ, no measured Δ" in experiment_detail(crashed, standing=standing(crashed, 0.005))
+
+
+def test_with_lanes_the_live_view_shows_what_each_lane_is_doing():
+    console = Console(file=io.StringIO(), force_terminal=True, width=160, record=True)
+    view = LiveView(console, max_experiments=10, lanes=2)
+    view.experiment_started(2, "matrix_lr: 0.02 -> 0.04", lane=0)
+    view.phase("training", 30, lane=0)
+    view.experiment_started(3, "n_embd: 128 -> 192", lane=1)
+    view.phase("evaluating", None, lane=1)
+    view.experiment_finished(_experiment(2, "discard", 1.7, 1.2, parent=1))  # lane 0's
+    console.print(view.render())
+    text = console.export_text()
+    assert "lane 0" in text and "agent" in text.split("lane 0", 1)[1].splitlines()[0]
+    assert "#3 n_embd: 128 -> 192: evaluating" in text

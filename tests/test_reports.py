@@ -154,7 +154,15 @@ def tracker():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        def process_request(self, request, client_address):
+            requests.append("connection")  # a connection counts, even one that never sends a request
+            super().process_request(request, client_address)
+
+        def handle_error(self, request, client_address):
+            pass  # a browser resetting a spare connection is no error of the test's
+
+    server = Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1], requests
     server.shutdown()
@@ -341,7 +349,7 @@ def test_the_html_report_renders_in_a_real_browser_self_contained_and_inert(big_
     control = tmp_path / "control.html"
     control.write_text(f'<html><body><img src="http://127.0.0.1:{port}/control.png"></body></html>')
     chromium_probe(control, tmp_path)
-    assert requests == ["/control.png"]
+    assert "/control.png" in requests
 
 
 def test_a_direction_is_the_knobs_a_diff_sets():

@@ -61,8 +61,9 @@ class OfflineAgent:
     name = "offline"
     model = None
 
-    def __init__(self, config: LabConfig):
+    def __init__(self, config: LabConfig, lane: int = 0):
         self.config = config
+        self.lane = lane  # lanes are hill climbers with different seeds
 
     def run(self, toolbox: Toolbox, lab: LabView) -> str:
         while not (reason := lab.stop_reason()):
@@ -102,7 +103,8 @@ class OfflineAgent:
     def _choose(self, lab: LabView, knobs: dict) -> tuple[str, object, object] | None:
         experiments = [e for e in lab.experiments() if e.replicate_of is None]  # its own moves, not the reruns
         base_id = lab.base_id
-        rng = random.Random(f"{self.config.seed}:{len(experiments)}")  # deterministic, also across a resume
+        # Deterministic, also across a resume; each lane draws its own moves (lane 0 as a lab without lanes).
+        rng = random.Random(f"{self.config.seed}:{len(experiments)}" + (f":lane{self.lane}" if self.lane else ""))
         tried = {m.groups()[::2] for e in experiments if e.parent_id == base_id and (m := DESCRIPTION.match(e.description))}
         candidates: list[tuple[float, tuple[str, object, object]]] = []
         for knob, (moves, low, high, weight) in MOVES.items():
