@@ -43,6 +43,7 @@ class PlotSeries(BaseModel):
     replicate_metrics: list[float]
     running_best: list[float]  # best kept variant so far (mean of its runs), at each experiment of `ids`
     labelled_ids: list[int]  # kept steps whose change is written on the chart
+    lanes: dict[int, tuple[list[int], list[float]]] = {}  # with lanes: lane -> its experiments and its running best
     noise_sd: float | None  # the band drawn around the running best
     floor_bpb: float | None
     # Filled by the drawing, to be checked: the experiment ticks, and whether the legend sits beside the data.
@@ -73,10 +74,22 @@ def plot_series(ledger: Ledger, experiments: list[Experiment], noise: Noise) -> 
         if len(labelled) < MAX_LABELS and all(abs(experiment_id - other) >= spacing for other in labelled):
             labelled.append(experiment_id)
     labelled.sort()
+    lanes: dict[int, tuple[list[int], list[float]]] = {}
+    if len({e.lane for e in scored}) > 1:  # each lane's own running best (the shared baseline starts every lane)
+        baseline = next((means[e.id] for e in kept if e.parent_id is None), float("inf"))
+        for lane in sorted({e.lane for e in scored}):
+            lane_best, ids, bests = baseline, [], []
+            for e in (e for e in scored if e.lane == lane):
+                if e.status == "keep":
+                    lane_best = min(lane_best, means[e.id])
+                if lane_best != float("inf"):
+                    ids.append(e.id)
+                    bests.append(lane_best)
+            lanes[lane] = (ids, bests)
     return PlotSeries(ids=[e.id for e in scored], metrics=[e.metric for e in scored], kept_ids=[e.id for e in kept],
                       kept_metrics=[e.metric for e in kept], replicate_ids=[e.replicate_of for e in replicates],
                       replicate_metrics=[e.metric for e in replicates], running_best=running, labelled_ids=labelled,
-                      noise_sd=noise.sd, floor_bpb=_floor(experiments))
+                      noise_sd=noise.sd, floor_bpb=_floor(experiments), lanes=lanes)
 
 
 def _draw_progress(series: PlotSeries, labels: dict[int, str], out) -> PlotSeries:
@@ -99,6 +112,9 @@ def _draw_progress(series: PlotSeries, labels: dict[int, str], out) -> PlotSerie
                linewidths=0.4, label="kept", zorder=4)
     ax.step(series.ids, series.running_best, where="post", color="#1f77b4", linewidth=1.4, label="running best",
             zorder=5)
+    for lane, (ids, bests) in series.lanes.items():
+        ax.step(ids, bests, where="post", linewidth=0.9, linestyle=":", color=f"C{(lane + 2) % 10}",
+                label=f"lane {lane}'s best", zorder=4)
     if series.noise_sd:
         low = [m - series.noise_sd for m in series.running_best]
         high = [m + series.noise_sd for m in series.running_best]

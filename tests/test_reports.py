@@ -271,6 +271,7 @@ def test_the_progress_chart_labels_kept_steps_ticks_integers_and_keeps_the_legen
     assert series.noise_sd == pytest.approx(SIGMA, rel=0.3)
     assert series.xticks and all(t == int(t) for t in series.xticks)
     assert series.legend_outside is True
+    assert series.lanes == {}  # one lane: no lane lines
     build_lab(tmp_path / "small", port=1, rows=6)
     small = plot(tmp_path / "small", tmp_path / "small.png")  # a few experiments: where ticks 1.5, 2.5 came from
     assert len(small.ids) <= 4 and small.xticks and all(t == int(t) for t in small.xticks)
@@ -363,3 +364,20 @@ def test_a_direction_is_the_knobs_a_diff_sets():
             "     depth = 4\n-if a == b:\n+if a == c:\n")
     assert knobs_changed(diff) == ["LR", "WARMUP", "dropout", "embed_lr"]
     assert knobs_changed("--- a\n+++ b\n-# a comment\n+# another comment\n") == []
+
+
+def test_with_lanes_the_chart_draws_each_lanes_running_best(tmp_path):
+    from harness.reports import plot
+
+    lab = tmp_path / "lanes"
+    lab.mkdir()
+    with Ledger(lab / LEDGER_FILE) as ledger:
+        ledger.start_session("s", agent="offline", model=None, config=CONFIG)
+        base = ledger.begin_experiment("s", None, "baseline")
+        ledger.finish_experiment(base, "keep", metric=2.0)
+        for lane, metric, status in ((1, 1.9, "keep"), (0, 2.1, "discard"), (0, 1.8, "keep"), (1, 1.95, "discard")):
+            e = ledger.begin_experiment("s", base, f"lane {lane}", lane=lane)
+            ledger.finish_experiment(e, status, metric=metric)
+    series = plot(lab, tmp_path / "lanes.png")
+    assert series.lanes == {0: ([1, 3, 4], [2.0, 2.0, 1.8]), 1: ([2, 5], [1.9, 1.9])}
+    assert series.running_best == [2.0, 1.9, 1.9, 1.8, 1.8]
