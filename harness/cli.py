@@ -111,8 +111,7 @@ def run(
     with open_ledger(lab) as ledger:
         experiments = ledger.experiments(session.session_id)
     out.print(results_table(experiments, title=f"session {session.session_id}"))
-    out.print(f"results: {lab / 'results.tsv'}; stop: {failure or session.stop or lab_run.lab_session.stop}",
-              highlight=False)
+    out.print(f"results: {lab / 'results.tsv'}; stop: {failure or session.stop}", highlight=False)
     if failure:
         console.print(f"[bold red]labrat: error:[/] {escape(failure)} (state saved: `labrat run` resumes)", highlight=False)
         raise typer.Exit(3)

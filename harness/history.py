@@ -72,7 +72,7 @@ class Standing:
         """The standard error of `delta` under the lab's noise (None: no estimate of the noise)."""
         if self.delta is None or self.noise.sd is None:
             return None
-        return self.noise.sd * (1 / self.runs.n + 1 / self.parent_runs.n) ** 0.5
+        return self.noise.se_of_difference(self.runs.n, self.parent_runs.n)
 
     @property
     def delta(self) -> float | None:

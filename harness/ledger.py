@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,17 +115,6 @@ def _bounded_json(value) -> str:
     if len(text) <= TOOL_INPUT_CHARS:
         return text
     return json.dumps({"labrat_truncated": True, "chars": len(text), "head": text[:TOOL_INPUT_CHARS]})
-
-
-_WRITER_LOCKS: dict[Path, threading.RLock] = {}
-_WRITER_LOCKS_GUARD = threading.Lock()
-
-
-def _writer_lock(path: Path) -> threading.RLock:
-    """One lock a ledger file in this process (other processes are kept out by the lab's lock and SQLite's)."""
-    key = path.resolve()
-    with _WRITER_LOCKS_GUARD:
-        return _WRITER_LOCKS.setdefault(key, threading.RLock())
 
 
 def _set_lane_base(db: sqlite3.Connection, session_id: str, lane: int, experiment_id: int | None) -> None:
@@ -253,16 +241,13 @@ class Ledger:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        # Lanes write through connections of their own in one process: they queue on a lock of this process
-        # first, as SQLite's busy handler would make each waiter sleep in growing steps (up to 100 ms).
-        with _writer_lock(self.path):
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()

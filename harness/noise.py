@@ -109,6 +109,10 @@ class Noise:
     def text(self) -> str:
         return f"σ {self.sd:.6f} bpb (df {self.df})" if self.sd is not None else "not measured"
 
+    def se_of_difference(self, n_a: int, n_b: int) -> float:
+        """The standard error of the difference of two means of n_a and n_b runs (sd must be known)."""
+        return self.sd * math.sqrt(1 / n_a + 1 / n_b)
+
 
 def runs_of(ledger: Ledger, experiment: Experiment) -> Runs:
     """A finished experiment's scored runs, as the ledger holds them."""
@@ -148,7 +152,7 @@ def significance_test(candidate: Runs, base: Runs, noise: Noise, alpha: float) -
         return Decision(False, f"{runs}: no estimate of the noise (no variant has two scored runs)")
     if noise.sd == 0:  # every replicate scored exactly the same: a strict gain is real
         return Decision(gain > 0, f"{runs}: noiseless (every replicate scored the same), gain {gain:+.6f}")
-    t = gain / (noise.sd * math.sqrt(1 / candidate.n + 1 / base.n))
+    t = gain / noise.se_of_difference(candidate.n, base.n)
     critical = float(stats.t.ppf(1 - alpha, noise.df))
     verdict = "significant" if t > critical else "not significant"
     return Decision(t > critical, f"{runs}: t = {t:.2f} vs {critical:.2f} (one-sided, α {alpha:g}, "
@@ -161,7 +165,7 @@ def surprise(expected_delta: float | None, measured_delta: float | None, noise: 
     expectation (either way), else None; None too without an expectation or an estimate of the noise."""
     if expected_delta is None or measured_delta is None or not noise.sd:
         return None
-    se = noise.sd * math.sqrt(1 / max(n_candidate, 1) + 1 / max(n_base, 1))
+    se = noise.se_of_difference(max(n_candidate, 1), max(n_base, 1))
     off = (measured_delta - expected_delta) / se
     if abs(off) <= SURPRISE_SIGMAS:
         return None

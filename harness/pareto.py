@@ -102,8 +102,6 @@ def fronts(ledger: Ledger, axes: list[str] | None = None) -> list[Front]:
 
 
 def value_text(axis: Axis, value: float) -> str:
-    if axis.name == "parameters":
-        return f"{value:,.0f}"
     return f"{value:.2f}" if axis.name == "memory" else f"{value:,.0f}"
 
 

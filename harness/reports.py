@@ -23,7 +23,7 @@ from harness.history import Standing, unified_diff
 from harness.lab import open_ledger
 from harness.ledger import Experiment, Ledger
 from harness.noise import Noise, lab_noise, runs_of
-from harness.pareto import fronts, plot_fronts, value_text
+from harness.pareto import Front, fronts, plot_fronts, value_text
 from harness.text import printable
 
 MAX_LABELS = 24  # kept steps labelled on the progress chart: the largest gains, so 500 experiments stay legible
@@ -159,11 +159,17 @@ def _noise_of(ledger: Ledger) -> Noise:
     return lab_noise(ledger, sessions[-1].config) if sessions else Noise(None, 0)
 
 
+def _progress(ledger: Ledger) -> tuple[PlotSeries, dict[int, str]]:
+    """The progress chart's data and the labels of its labelled steps."""
+    experiments = ledger.experiments()
+    series = plot_series(ledger, experiments, _noise_of(ledger))
+    labelled = set(series.labelled_ids)
+    return series, {e.id: _label(e) for e in experiments if e.id in labelled}
+
+
 def plot(lab: Path, out: Path) -> PlotSeries:
     with open_ledger(lab) as ledger:
-        experiments = ledger.experiments()
-        series = plot_series(ledger, experiments, _noise_of(ledger))
-    labels = {e.id: _label(e) for e in experiments if e.id in set(series.labelled_ids)}
+        series, labels = _progress(ledger)
     return _draw_progress(series, labels, out)
 
 
@@ -264,7 +270,8 @@ class DeadEnd:
     best_delta: float | None  # the best measured change against a parent (negative: better)
 
 
-def dead_ends(ledger: Ledger, candidates: list[Experiment], noise: Noise) -> list[DeadEnd]:
+def dead_ends(candidates: list[Experiment], standing: dict[int, Standing]) -> list[DeadEnd]:
+    """`standing`: the scored candidates' (the report's, computed once)."""
     groups: dict[str, list[Experiment]] = {}
     for e in candidates:
         if e.parent_id is not None:  # the baseline tried nothing
@@ -273,7 +280,7 @@ def dead_ends(ledger: Ledger, candidates: list[Experiment], noise: Noise) -> lis
     for name, tried in groups.items():
         if len(tried) < DEAD_END_MIN_TRIES or any(e.status == "keep" for e in tried):
             continue
-        deltas = [d for e in tried if (d := Standing.of(ledger, e, {}, noise).delta) is not None]
+        deltas = [d for e in tried if e.id in standing and (d := standing[e.id].delta) is not None]
         outcomes: dict[str, int] = {}
         for e in tried:
             outcomes[e.status] = outcomes.get(e.status, 0) + 1
@@ -290,24 +297,22 @@ def _more(count: int, where: str) -> list[str]:
     return ["", f"… and {count - MAX_ROWS} more ({where})."] if count > MAX_ROWS else []
 
 
-def report_sections(lab: Path) -> list[tuple[str, str]]:
+def report_sections(ledger: Ledger, lab: Path, found_fronts: list[Front]) -> list[tuple[str, str]]:
     """The report as (key, Markdown) sections, in reading order; `report` joins them, `report_html` embeds the
-    plots after the wins and the surprises."""
-    with open_ledger(lab) as ledger:
-        experiments = ledger.experiments()
-        sessions = ledger.sessions()
-        noise = _noise_of(ledger)
-        best = ledger.best()
-        candidates = [e for e in experiments if e.replicate_of is None and e.status != "running"]
-        standing = {e.id: Standing.of(ledger, e, {}, noise) for e in candidates if e.metric is not None}
-        replicas = {e.id: [r.id for r in ledger.replicates(e.id) if r.status == "replicate"] for e in candidates}
-        surprising = surprises(ledger, candidates)
-        found_fronts = fronts(ledger)
-        ends = dead_ends(ledger, candidates, noise)
-        chain = ledger.lineage(best.id) if best else []
-        diff = unified_diff(ledger.sources(chain[0].id), ledger.sources(best.id), f"#{chain[0].id}",
-                            f"#{best.id}") if best else ""
-        runs = {e.id: runs_of(ledger, e) for e in chain}
+    plots after the wins and the surprises. `found_fronts`: the lab's Pareto fronts (the HTML draws them too)."""
+    experiments = ledger.experiments()
+    sessions = ledger.sessions()
+    noise = _noise_of(ledger)
+    best = ledger.best()
+    candidates = [e for e in experiments if e.replicate_of is None and e.status != "running"]
+    standing = {e.id: Standing.of(ledger, e, {}, noise) for e in candidates if e.metric is not None}
+    replicas = {e.id: [r.id for r in ledger.replicates(e.id) if r.status == "replicate"] for e in candidates}
+    surprising = surprises(ledger, candidates)
+    ends = dead_ends(candidates, standing)
+    chain = ledger.lineage(best.id) if best else []
+    diff = unified_diff(ledger.sources(chain[0].id), ledger.sources(best.id), f"#{chain[0].id}",
+                        f"#{best.id}") if best else ""
+    runs = {e.id: runs_of(ledger, e) for e in chain}
     sections = []
 
     counts = {status: sum(e.status == status for e in experiments)
@@ -410,7 +415,9 @@ def report_sections(lab: Path) -> list[tuple[str, str]]:
 
 def report(lab: Path) -> str:
     """The Markdown report."""
-    return "\n\n".join(text for _, text in report_sections(lab)) + "\n"
+    with open_ledger(lab) as ledger:
+        sections = report_sections(ledger, lab, fronts(ledger))
+    return "\n\n".join(text for _, text in sections) + "\n"
 
 
 STYLE = """
@@ -441,12 +448,10 @@ def report_html(lab: Path) -> str:
     URIs, inline CSS, no script, nothing fetched)."""
     import markdown
 
-    sections = report_sections(lab)
     with open_ledger(lab) as ledger:
-        experiments = ledger.experiments()
-        series = plot_series(ledger, experiments, _noise_of(ledger))
         found = fronts(ledger)
-    labels = {e.id: _label(e) for e in experiments if e.id in set(series.labelled_ids)}
+        sections = report_sections(ledger, lab, found)
+        series, labels = _progress(ledger)
     figures = (_figure(lambda out: _draw_progress(series, labels, out), "val_bpb per experiment: kept steps "
                        "labelled, the running best with the noise of one run")
                + _figure(lambda out: plot_fronts(found, out), "Pareto fronts: val_bpb against parameters, peak "

@@ -219,7 +219,7 @@ class LabRun:
                 wait(futures)
                 raise
             errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:  # a lane's harness error (the engine, the disk): the others have stopped by the budget
+            if errors:  # a lane's harness error (the engine, the disk): _run_lane stopped the others
                 raise errors[0]
             return [f.result() for f in futures]
 
